@@ -1,0 +1,1 @@
+"""stagejax: memory-scheduled (staged) decoding of language models in JAX."""

@@ -1,0 +1,49 @@
+"""Evaluation and training text: locating `paths.data` and verifying file checksums.
+
+Checksums are those of `../shared/data/README.md`; a changed file must not silently change a
+reported number, so a mismatch is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+SHA256 = {
+    "wikitext-2/wiki.test.raw": "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c",
+    "wikitext-2/wiki.valid.tokens": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+    "pydocs/train.txt": "42e7765d43e8062098afdf964b697751154545d6ab78fa142cf06b695e365536",
+    "pydocs/valid.txt": "923f6df1b91a971db1e4bbfd7d0a074fa39968c9d3d7303bd9af727fb0260f03",
+    "pydocs/test.txt": "124b16a1ad54db086e3e8482f17a0c639e334b9e5b85529669c455db4260a8b5",
+}
+
+
+def default_data_dir() -> Path:
+    """`$STAGEJAX_DATA`, else `../shared/data` relative to the repository root (design §6)."""
+    return Path(os.environ.get("STAGEJAX_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def resolve_data_dir(path: str | os.PathLike | None) -> Path:
+    if path is None:
+        return default_data_dir()
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else (REPO_ROOT / path).resolve()
+
+
+def read_text(relative: str, data_dir: str | os.PathLike | None = None, verify: bool = True) -> str:
+    """The text of a data file, after checking its sha256 against the data README's."""
+    path = resolve_data_dir(data_dir) / relative
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"data file {path} not found; set paths.data (or $STAGEJAX_DATA) to the directory "
+            f"holding {relative}")
+    raw = path.read_bytes()
+    if verify and relative in SHA256:
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest != SHA256[relative]:
+            raise ValueError(f"{path} has sha256 {digest}, expected {SHA256[relative]}: the file "
+                             "changed, so its numbers would not be comparable; restore it")
+    return raw.decode("utf-8")

@@ -1,0 +1,181 @@
+"""Reference (monolithic) decoding: full forward, KV-cached prefill and one-token steps.
+
+This is the `model` schedule of design §5 — every weight resident, one jit per decode step,
+KV cache in RAM — and the reference every staged schedule is checked against. Executables are
+compiled ahead of time (`jit(...).lower(...).compile()`) so no timed call compiles; the KV
+cache is donated to each step so it is updated in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stagejax import ops
+from stagejax.model_config import ModelConfig
+from stagejax.models import Decoder, init_kv_cache
+from stagejax.sampling import SamplingConfig, sample_token
+
+# Prompts are right-padded to a multiple of this many tokens so that prompts of similar length
+# share one prefill executable. Padded rows land in the cache beyond the prompt, where the
+# causal mask hides them until a decode step overwrites them.
+PREFILL_BUCKET = 64
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    new_ids: list[int]
+    text: str
+    stopped_at_eos: bool
+    compile_s: float
+    prefill_s: float
+    decode_s: float
+    n_decode_steps: int
+
+    @property
+    def time_to_first_token_s(self) -> float:
+        return self.prefill_s
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return len(self.prompt_ids) / self.prefill_s
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.n_decode_steps / self.decode_s if self.n_decode_steps else float("nan")
+
+
+def forward_logits(config: ModelConfig, params, tokens_BT):
+    """Cache-free forward: logits [B, T, V] float32."""
+    logits, _ = Decoder(config).apply({"params": params}, tokens_BT)
+    return logits
+
+
+def token_nll(config: ModelConfig, params, tokens_BT):
+    """Negative log-likelihood of tokens[:, 1:] given their prefixes: [B, T - 1] float32."""
+    log_probs = ops.log_softmax(forward_logits(config, params, tokens_BT)[:, :-1])
+    return -jnp.take_along_axis(log_probs, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+
+
+class MonolithicDecoder:
+    """Prefill + step decoding with all weights resident (the `model` schedule)."""
+
+    def __init__(self, config: ModelConfig, params_spec, cache_len: int, prefill_len: int,
+                 sampling: SamplingConfig = SamplingConfig(), cache_dtype=jnp.float32):
+        """Compiles prefill, step and sampling for `params_spec` (arrays or ShapeDtypeStructs)."""
+        if prefill_len > cache_len:
+            raise ValueError(f"prefill length {prefill_len} exceeds the cache length {cache_len}")
+        self.config = config
+        self.cache_len, self.prefill_len = cache_len, prefill_len
+        self.cache_dtype = cache_dtype
+        model = Decoder(config)
+
+        def prefill(params, tokens_1T, n_tokens, cache):
+            logits_1TV, cache = model.apply({"params": params}, tokens_1T, kv_cache=cache, start=0)
+            return logits_1TV[0, n_tokens - 1], cache
+
+        def step(params, token, position, cache):
+            logits_11V, cache = model.apply({"params": params}, token.reshape(1, 1),
+                                            kv_cache=cache, start=position)
+            return logits_11V[0, 0], cache
+
+        abstract = lambda tree: jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+        cache_spec = abstract(jax.eval_shape(lambda: init_kv_cache(config, 1, cache_len, cache_dtype)))
+        params_spec = abstract(params_spec)
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        start = time.perf_counter()
+        self._prefill = jax.jit(prefill, donate_argnums=(3,)).lower(
+            params_spec, jax.ShapeDtypeStruct((1, prefill_len), jnp.int32), scalar, cache_spec).compile()
+        self._step = jax.jit(step, donate_argnums=(3,)).lower(
+            params_spec, scalar, scalar, cache_spec).compile()
+        self._sample = jax.jit(lambda logits, key: sample_token(logits, key, sampling)).lower(
+            jax.ShapeDtypeStruct((config.vocab_size,), jnp.float32),
+            jax.ShapeDtypeStruct((2,), jnp.uint32)).compile()
+        self.compile_s = time.perf_counter() - start
+
+    def new_cache(self):
+        return init_kv_cache(self.config, 1, self.cache_len, self.cache_dtype)
+
+    def prefill(self, params, prompt_ids, cache):
+        """Run the prompt; returns (logits of its last token [V], cache)."""
+        n = len(prompt_ids)
+        tokens = np.zeros((1, self.prefill_len), np.int32)
+        tokens[0, :n] = prompt_ids
+        return self._prefill(params, jnp.asarray(tokens), jnp.int32(n), cache)
+
+    def step(self, params, token, position: int, cache):
+        """One decode step: the token at `position`; returns (its logits [V], cache)."""
+        return self._step(params, jnp.asarray(token, jnp.int32), jnp.int32(position), cache)
+
+    def sample(self, logits_V, key):
+        return self._sample(logits_V, key)
+
+
+def check_context(prompt_len: int, max_new_tokens: int, max_seq_len: int):
+    if prompt_len == 0:
+        raise ValueError("the prompt is empty: give decode.prompt some text")
+    if prompt_len + max_new_tokens > max_seq_len:
+        raise ValueError(
+            f"prompt of {prompt_len} tokens + decode.max_new_tokens={max_new_tokens} exceeds the "
+            f"model's context of {max_seq_len} tokens; shorten the prompt or generate fewer tokens")
+
+
+def decoder_for(config: ModelConfig, params_spec, prompt_len: int, max_new_tokens: int,
+                sampling: SamplingConfig = SamplingConfig()) -> MonolithicDecoder:
+    """A decoder sized for this prompt and generation length (shapes bucketed)."""
+    check_context(prompt_len, max_new_tokens, config.max_seq_len)
+    prefill_len = min(round_up(prompt_len, PREFILL_BUCKET), config.max_seq_len)
+    cache_len = min(round_up(max(prefill_len, prompt_len + max_new_tokens), PREFILL_BUCKET),
+                    config.max_seq_len)
+    return MonolithicDecoder(config, params_spec, cache_len, prefill_len, sampling)
+
+
+def generate(config: ModelConfig, params, prompt_ids: list[int], max_new_tokens: int,
+             sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+             eos_token_id: int | None = None, decoder: MonolithicDecoder | None = None,
+             detokenize=None) -> GenerationResult:
+    """Generate up to `max_new_tokens` after `prompt_ids`, stopping at `eos_token_id`.
+
+    Compilation happens before the clock starts (in `MonolithicDecoder`); the prefill time is
+    the time to first token, and decode tokens/s counts the step calls after it.
+    """
+    prompt_len = len(prompt_ids)
+    check_context(prompt_len, max_new_tokens, config.max_seq_len)
+    if decoder is None:
+        decoder = decoder_for(config, params, prompt_len, max_new_tokens, sampling)
+    elif prompt_len > decoder.prefill_len or prompt_len + max_new_tokens > decoder.cache_len:
+        raise ValueError(f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens does not fit "
+                         f"the decoder (prefill {decoder.prefill_len}, cache {decoder.cache_len})")
+    keys = jax.random.split(jax.random.PRNGKey(seed), max(max_new_tokens, 1))
+    cache = decoder.new_cache()
+    jax.block_until_ready(cache)
+
+    start = time.perf_counter()
+    logits, cache = decoder.prefill(params, prompt_ids, cache)
+    token = int(decoder.sample(logits, keys[0]))
+    prefill_s = time.perf_counter() - start
+
+    new_ids = [token]
+    stopped = token == eos_token_id
+    start = time.perf_counter()
+    n_steps = 0
+    while not stopped and len(new_ids) < max_new_tokens:
+        logits, cache = decoder.step(params, token, prompt_len + n_steps, cache)
+        token = int(decoder.sample(logits, keys[len(new_ids)]))
+        n_steps += 1
+        new_ids.append(token)
+        stopped = token == eos_token_id
+    decode_s = time.perf_counter() - start
+    text = detokenize(new_ids) if detokenize else ""
+    return GenerationResult(list(prompt_ids), new_ids, text, stopped, decoder.compile_s,
+                            prefill_s, decode_s, n_steps)

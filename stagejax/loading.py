@@ -1,0 +1,93 @@
+"""Loading a model by preset name or file, in two phases.
+
+`open_model` reads only what describes the model (architecture, tokenizer); `load_params`
+then reads the weights. Runs compile their executables between the two, so the runtime's own
+memory (`baseline_rss_bytes`, design §7) is measured before any weight is resident.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stagejax.model_config import ModelConfig, get_preset
+from stagejax.tokenizer import Tokenizer, byte_tokenizer
+
+
+@dataclasses.dataclass
+class ModelHandle:
+    """A model whose description is known and whose weights are not loaded yet."""
+
+    name: str
+    config: ModelConfig
+    tokenizer: Tokenizer
+    source_format: str  # "gguf" | "hf" | "random"
+    source_path: str | None
+    _read_params: Callable[[], dict]
+
+    def load_params(self) -> dict:
+        """The float32 parameters (Decoder layout) as JAX arrays."""
+        return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), self._read_params())
+
+    def abstract_params(self) -> dict:
+        """Shapes and dtypes of the parameters, without reading or allocating them."""
+        from stagejax.models import init_params
+
+        return jax.eval_shape(lambda: init_params(self.config))
+
+
+@dataclasses.dataclass
+class Model:
+    """A model ready to run: architecture, parameters (Decoder layout) and tokenizer."""
+
+    name: str
+    config: ModelConfig
+    params: dict
+    tokenizer: Tokenizer
+    source_format: str
+    source_path: str | None = None
+
+    @property
+    def n_params(self) -> int:
+        return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(self.params))
+
+
+def open_model(name: str = "smollm2_135m", path: str | None = None, seed: int = 0) -> ModelHandle:
+    """Describe the preset `name` (`path` overrides its weight file or directory)."""
+    preset = get_preset(name)
+    source, path = preset.source, path or preset.path
+    if path is not None and source == "random":
+        source = "hf" if Path(path).is_dir() else "gguf"
+    if source == "random":
+        from stagejax.models import init_params
+
+        config = preset.config
+        return ModelHandle(name, config, byte_tokenizer(config.vocab_size, config.eos_token_id),
+                           "random", None, lambda: init_params(config, seed))
+    if source == "gguf":
+        from stagejax.importers.gguf import GGUFFile, packaged_smollm2_gguf
+
+        gguf_file = GGUFFile(path or packaged_smollm2_gguf())
+        return ModelHandle(name, gguf_file.config, gguf_file.tokenizer(), "gguf",
+                           str(gguf_file.path), gguf_file.params)
+    from stagejax.importers.hf import read_hf_dir
+
+    if path is None:
+        raise ValueError(f"model preset {name!r} reads a Hugging Face directory: set model.path")
+    imported = read_hf_dir(path)
+    tokenizer = imported.tokenizer or byte_tokenizer(imported.config.vocab_size,
+                                                      imported.config.eos_token_id)
+    return ModelHandle(name, imported.config, tokenizer, "hf", str(imported.source_path),
+                       lambda: imported.params)
+
+
+def load_model(name: str = "smollm2_135m", path: str | None = None, seed: int = 0) -> Model:
+    """Open and load the preset `name` in one call (the Python API's entry point)."""
+    handle = open_model(name, path, seed)
+    return Model(name, handle.config, handle.load_params(), handle.tokenizer,
+                 handle.source_format, handle.source_path)

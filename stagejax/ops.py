@@ -1,0 +1,107 @@
+"""The math of both model families, written once as pure functions over arrays.
+
+Every model (monolithic Flax modules) and every stage of the staged executor calls these
+functions, so the two paths cannot drift apart. Nothing here imports anything of stagejax.
+
+Einsum alphabet (used across the code base):
+  B batch, T query tokens, S key/cache tokens, D model width, N query heads, K kv heads,
+  G query heads per kv head (N = K * G), H head dim, F FFN width, V vocab.
+
+Softmax, norms and log-sum-exp run in float32 and cast back to the input dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Masked scores use a large finite negative rather than -inf so that a fully masked row
+# (possible for padded positions) yields a uniform softmax instead of NaNs.
+MASK_VALUE = -1e30
+
+
+def rms_norm(x, scale, eps: float):
+    """RMSNorm (Llama): x / sqrt(mean(x^2) + eps) * scale, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * inv_rms * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def layer_norm(x, scale, bias, eps: float):
+    """LayerNorm (GPT-2) over the last axis, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x_BTnH, positions_BT, theta: float):
+    """Rotary position embedding in the rotate-half convention (Hugging Face Llama layout).
+
+    Args:
+      x_BTnH: [batch, tokens, heads, head_dim]; heads may be query or kv heads.
+      positions_BT: [batch, tokens] integer absolute positions.
+      theta: the RoPE base frequency.
+    """
+    head_dim = x_BTnH.shape[-1]
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / head_dim))
+    angles_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    cos = jnp.cos(angles_BTh)[:, :, None, :]
+    sin = jnp.sin(angles_BTh)[:, :, None, :]
+    x32 = x_BTnH.astype(jnp.float32)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BTnH.dtype)
+
+
+def attention_scores(q_BTNH, k_BSKH):
+    """Scaled dot-product scores with grouped-query heads: [B, K, G, T, S] in float32."""
+    b, t, n, h = q_BTNH.shape
+    k = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h).astype(jnp.float32)
+    scale = 1.0 / jnp.sqrt(jnp.float32(h))
+    return jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH * scale, k_BSKH.astype(jnp.float32))
+
+
+def causal_mask(q_positions_BT, k_positions_BS):
+    """True where a query may attend a key: the key's position is not after the query's."""
+    return k_positions_BS[:, None, :] <= q_positions_BT[:, :, None]  # [B, T, S]
+
+
+def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+    """Softmax attention of all query heads over keys/values of their kv group.
+
+    Args:
+      q_BTNH: queries, RoPE already applied.
+      k_BSKH, v_BSKH: keys (RoPE applied) and values.
+      mask_BTS: boolean, True where attention is allowed.
+    Returns:
+      [B, T, N, H] in the dtype of q.
+    """
+    b, t, n, h = q_BTNH.shape
+    scores = attention_scores(q_BTNH, k_BSKH)
+    scores = jnp.where(mask_BTS[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BSKH.astype(jnp.float32))
+    return out_BTKGH.reshape(b, t, n, h).astype(q_BTNH.dtype)
+
+
+def swiglu(x_BTD, w_gate_DF, w_up_DF, w_down_FD):
+    """Llama FFN: down(silu(gate(x)) * up(x))."""
+    gate = jnp.einsum("BTD,DF->BTF", x_BTD, w_gate_DF)
+    up = jnp.einsum("BTD,DF->BTF", x_BTD, w_up_DF)
+    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, w_down_FD)
+
+
+def gelu_mlp(x_BTD, w_up_DF, b_up_F, w_down_FD):
+    """GPT-2 FFN without its output bias (added once by the caller, so chunks can sum)."""
+    hidden = jnp.einsum("BTD,DF->BTF", x_BTD, w_up_DF) + b_up_F
+    # GPT-2 uses the tanh approximation of GELU ("gelu_new" in Hugging Face).
+    return jnp.einsum("BTF,FD->BTD", jax.nn.gelu(hidden, approximate=True), w_down_FD)
+
+
+def log_softmax(logits):
+    """Log-probabilities in float32."""
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)

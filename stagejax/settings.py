@@ -1,0 +1,150 @@
+"""Typed settings of a run: the dataclass schemas behind hydra's `conf/` (design §6).
+
+Library code receives these dataclasses, never a DictConfig; `stagejax.run` registers them in
+hydra's ConfigStore and converts the composed config with `OmegaConf.to_object`. Every value is
+checked in `__post_init__`, so a bad override fails before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from stagejax.model_config import PRESETS
+
+# Options implemented so far; design §5/§6 name more, which later work adds here and in conf/.
+SCHEDULE_POLICIES = ("model",)
+QUANT_SCHEMES = ("none",)
+CACHE_KINDS = ("ram",)
+CACHE_ORDERS = ("head_major", "token_major")
+EVAL_PROCEDURES = ("llama_cpp", "strided")
+TRACKING_MODES = ("offline", "online", "disabled")
+
+
+def _check_choice(field: str, value, choices):
+    if value not in choices:
+        raise ValueError(f"{field}={value!r} is not one of: {', '.join(map(str, choices))}")
+
+
+def _check_positive(field: str, value):
+    if value is None or value <= 0:
+        raise ValueError(f"{field} must be a positive number, got {value!r}")
+
+
+@dataclasses.dataclass
+class ModelSettings:
+    name: str = "smollm2_135m"
+    path: Optional[str] = None  # a GGUF file or HF directory instead of the preset's source
+
+    def __post_init__(self):
+        _check_choice("model.name", self.name, sorted(PRESETS))
+
+
+@dataclasses.dataclass
+class ScheduleSettings:
+    policy: str = "model"
+    budget_mb: Optional[float] = None
+    ffn_chunks: int = 1
+    vocab_chunk: Optional[int] = None  # None: the whole vocabulary in one chunk
+    kv_block: int = 128
+    prefetch_depth: int = 1
+    activations: str = "ram"
+
+    def __post_init__(self):
+        _check_choice("schedule.policy", self.policy, SCHEDULE_POLICIES)
+        _check_positive("schedule.ffn_chunks", self.ffn_chunks)
+        _check_positive("schedule.kv_block", self.kv_block)
+        if self.vocab_chunk is not None:
+            _check_positive("schedule.vocab_chunk", self.vocab_chunk)
+        if self.budget_mb is not None:
+            _check_positive("schedule.budget_mb", self.budget_mb)
+        if self.prefetch_depth < 0:
+            raise ValueError(f"schedule.prefetch_depth must be >= 0, got {self.prefetch_depth}")
+        _check_choice("schedule.activations", self.activations, ("ram", "disk"))
+
+
+@dataclasses.dataclass
+class QuantSettings:
+    scheme: str = "none"
+
+    def __post_init__(self):
+        _check_choice("quant.scheme", self.scheme, QUANT_SCHEMES)
+
+
+@dataclasses.dataclass
+class CacheSettings:
+    kind: str = "ram"
+    dtype: str = "float32"
+    block_tokens: int = 128
+    order: str = "head_major"
+
+    def __post_init__(self):
+        _check_choice("cache.kind", self.kind, CACHE_KINDS)
+        _check_choice("cache.dtype", self.dtype, ("float32",))
+        _check_positive("cache.block_tokens", self.block_tokens)
+        _check_choice("cache.order", self.order, CACHE_ORDERS)
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    ppl_chunks: int = 4
+    n_ctx: int = 512
+    procedure: str = "llama_cpp"
+    stride: int = 256  # for the strided procedure only
+    dataset: str = "wikitext-2/wiki.test.raw"
+
+    def __post_init__(self):
+        if self.ppl_chunks < 0:
+            raise ValueError(f"eval.ppl_chunks must be >= 0 (0 skips perplexity), got {self.ppl_chunks}")
+        _check_positive("eval.n_ctx", self.n_ctx)
+        _check_positive("eval.stride", self.stride)
+        _check_choice("eval.procedure", self.procedure, EVAL_PROCEDURES)
+        if self.n_ctx < 4:
+            raise ValueError(f"eval.n_ctx must be at least 4 tokens, got {self.n_ctx}")
+
+
+@dataclasses.dataclass
+class DecodeSettings:
+    prompt: str = "The capital of France is"
+    max_new_tokens: int = 32
+    chat: bool = False
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        _check_positive("decode.max_new_tokens", self.max_new_tokens)
+        if self.temperature < 0:
+            raise ValueError(f"decode.temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"decode.top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"decode.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclasses.dataclass
+class PathSettings:
+    data: Optional[str] = None  # None: $STAGEJAX_DATA or ../shared/data from the repo root
+    cache: Optional[str] = None  # None: $STAGEJAX_CACHE or ~/.cache/stagejax
+
+
+@dataclasses.dataclass
+class TrackingSettings:
+    mode: str = "offline"
+    project: str = "stagejax"
+
+    def __post_init__(self):
+        _check_choice("tracking.mode", self.mode, TRACKING_MODES)
+
+
+@dataclasses.dataclass
+class RunSettings:
+    model: ModelSettings = dataclasses.field(default_factory=ModelSettings)
+    schedule: ScheduleSettings = dataclasses.field(default_factory=ScheduleSettings)
+    quant: QuantSettings = dataclasses.field(default_factory=QuantSettings)
+    cache: CacheSettings = dataclasses.field(default_factory=CacheSettings)
+    eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)
+    decode: DecodeSettings = dataclasses.field(default_factory=DecodeSettings)
+    paths: PathSettings = dataclasses.field(default_factory=PathSettings)
+    tracking: TrackingSettings = dataclasses.field(default_factory=TrackingSettings)
+    seed: int = 0

@@ -1,0 +1,90 @@
+"""Text <-> token ids, and the chat template, for imported models.
+
+Wraps a `tokenizers.Tokenizer` (built from a GGUF vocabulary and merges, or read from a Hugging
+Face `tokenizer.json`) with the model's special ids and its Jinja chat template, rendered the
+way transformers renders it (sandboxed Jinja, `trim_blocks`/`lstrip_blocks`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import tokenizers
+
+
+@dataclasses.dataclass
+class Tokenizer:
+    backend: tokenizers.Tokenizer
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    add_bos: bool = False
+    chat_template: str | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`; special tokens written in the text are recognised."""
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_token_id is not None:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render `messages` ([{"role": ..., "content": ...}]) with the model's chat template."""
+        if not self.chat_template:
+            raise ValueError("this model has no chat template (the GGUF has no "
+                             "'tokenizer.chat_template' field); run with decode.chat=false")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        template = env.from_string(self.chat_template)
+        special = {}
+        for key, token_id in (("bos_token", self.bos_token_id), ("eos_token", self.eos_token_id)):
+            if token_id is not None:
+                special[key] = self.token(token_id)
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               **special)
+
+
+def byte_tokenizer(vocab_size: int, eos_token_id: int | None = None) -> Tokenizer:
+    """One token per UTF-8 byte (ids 0..255), for random-weight models that have no vocabulary.
+
+    It lets every preset run the same generate/perplexity path on real text; ids above 255
+    exist in the model but are never produced by encoding.
+    """
+    if vocab_size < 256:
+        raise ValueError(f"a byte tokenizer needs vocab_size >= 256, got {vocab_size}")
+    from tokenizers import decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    # ByteLevel maps byte b to a printable character; order the vocabulary by byte value.
+    byte_to_char = {b: c for b, c in zip(range(256), _byte_level_chars())}
+    assert set(byte_to_char.values()) == set(alphabet)
+    vocab = {byte_to_char[b]: b for b in range(256)}
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return Tokenizer(backend, bos_token_id=None, eos_token_id=eos_token_id, add_bos=False)
+
+
+def _byte_level_chars() -> list[str]:
+    """GPT-2's bytes_to_unicode table, as a list indexed by byte value."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]

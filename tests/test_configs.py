@@ -1,0 +1,54 @@
+"""Every YAML under conf/ composes into valid typed settings; bad values fail clearly."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from stagejax.model_config import PRESETS
+from stagejax.run import to_settings
+from stagejax.settings import RunSettings
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUP_OPTIONS = sorted((p.parent.name, p.stem) for p in CONF.glob("*/*.yaml"))
+
+
+def compose_settings(overrides=()):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return to_settings(compose(config_name="config", overrides=list(overrides)))
+
+
+def test_default_config_composes():
+    settings = compose_settings()
+    assert isinstance(settings, RunSettings)
+    assert settings.model.name == "smollm2_135m"
+
+
+@pytest.mark.parametrize("group,option", GROUP_OPTIONS)
+def test_every_group_option_composes(group, option):
+    settings = compose_settings([f"{group}={option}"])
+    assert isinstance(settings, RunSettings)
+
+
+def test_every_model_preset_has_a_yaml_and_back():
+    assert {o for g, o in GROUP_OPTIONS if g == "model"} == set(PRESETS)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("decode.max_new_tokens=0", "decode.max_new_tokens must be a positive number"),
+    ("eval.procedure=bogus", "eval.procedure='bogus' is not one of"),
+    ("decode.top_p=1.5", r"decode.top_p must be in \(0, 1\]"),
+    ("tracking.mode=sometimes", "tracking.mode='sometimes' is not one of"),
+    ("model.name=nope", "model.name='nope' is not one of"),
+])
+def test_bad_values_get_a_clear_error(override, message):
+    with pytest.raises(ValueError, match=message):
+        compose_settings([override])
+
+
+def test_wrong_type_and_unknown_option_are_refused():
+    with pytest.raises(ConfigCompositionException, match="decode.max_new_tokens=lots"):
+        compose_settings(["decode.max_new_tokens=lots"])
+    with pytest.raises(ConfigCompositionException, match="schedule"):
+        compose_settings(["schedule=no_such_policy"])
