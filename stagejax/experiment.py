@@ -60,6 +60,7 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
 
     params = handle.load_params()
     jax.block_until_ready(params)
+    warmup_s = decoder.warm_up(params)
 
     peak.start_phase()
     generation = generate(config, params, ids, settings.decode.max_new_tokens, sampling,
@@ -75,6 +76,7 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
         "baseline_rss_bytes": baseline_rss,
         "peak_rss_decode_bytes": peak_decode - baseline_rss,
         "compile_s": compile_s,
+        "warmup_s": warmup_s,
         "decode_tokens_per_s": generation.decode_tokens_per_s,
         "prefill_tokens_per_s": generation.prefill_tokens_per_s,
         "time_to_first_token_s": generation.time_to_first_token_s,
