@@ -105,3 +105,46 @@ def gelu_mlp(x_BTD, w_up_DF, b_up_F, w_down_FD):
 def log_softmax(logits):
     """Log-probabilities in float32."""
     return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+# Online softmax over key blocks (flash-attention style), for stages that see the KV cache one
+# block at a time. The carry holds, per query head and token, the running max `m`, the running
+# sum of exp(score - m) `l`, and the running weighted sum of values `acc`; combining blocks in
+# any order gives the softmax attention over their union exactly (up to float rounding).
+
+def online_softmax_init(t: int, n: int, h: int):
+    """Empty carry for `t` tokens and `n` query heads of dimension `h`: (m_TN, l_TN, acc_TNH)."""
+    return (jnp.full((t, n), MASK_VALUE, jnp.float32), jnp.zeros((t, n), jnp.float32),
+            jnp.zeros((t, n, h), jnp.float32))
+
+
+def online_softmax_update(carry, q_TNH, k_SKH, v_SKH, mask_TS):
+    """Fold one block of keys/values into the carry.
+
+    Args:
+      carry: (m_TN, l_TN, acc_TNH) float32.
+      q_TNH: queries of N heads (RoPE applied); head n uses kv group n // (N // K).
+      k_SKH, v_SKH: one block of S keys/values of K kv groups.
+      mask_TS: True where query t may attend key s (masked keys contribute nothing).
+    """
+    m, l, acc = carry
+    t, n, h = q_TNH.shape
+    k = k_SKH.shape[1]
+    q_TKGH = q_TNH.reshape(t, k, n // k, h).astype(jnp.float32) / jnp.sqrt(jnp.float32(h))
+    scores_TKGS = jnp.einsum("TKGH,SKH->TKGS", q_TKGH, k_SKH.astype(jnp.float32))
+    scores_TNS = scores_TKGS.reshape(t, n, -1)
+    mask_T1S = mask_TS[:, None, :]
+    m_new = jnp.maximum(m, jnp.max(jnp.where(mask_T1S, scores_TNS, MASK_VALUE), axis=-1))
+    # where(), not just the MASK_VALUE trick: a block masked entirely must add exactly zero.
+    p_TNS = jnp.where(mask_T1S, jnp.exp(scores_TNS - m_new[..., None]), 0.0)
+    correction = jnp.exp(m - m_new)
+    l_new = l * correction + jnp.sum(p_TNS, axis=-1)
+    pv_TKGH = jnp.einsum("TKGS,SKH->TKGH", p_TNS.reshape(t, k, n // k, -1), v_SKH.astype(jnp.float32))
+    acc_new = acc * correction[..., None] + pv_TKGH.reshape(t, n, h)
+    return m_new, l_new, acc_new
+
+
+def online_softmax_finish(carry):
+    """Attention output [T, N, H] float32 from a carry that saw at least one allowed key per row."""
+    _, l, acc = carry
+    return acc / l[..., None]

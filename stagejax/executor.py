@@ -1,0 +1,356 @@
+"""Running a plan: groups of stages as AOT-compiled executables, weights streamed from the
+WeightStore, the KV cache read in blocks, activations donated from group to group.
+
+One executable per distinct group signature (stage kinds + shapes), so same-shaped groups in
+different layers or heads share it; per-stage heads, groups and offsets are traced constants.
+The hot path is: prefetcher.next() → executable call → block → release → (flush new KV rows);
+no op-by-op JAX between stages. Everything a group held is released before the next one runs,
+except the weights the prefetcher is reading ahead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stagejax import measure
+from stagejax.kv_cache import HostKVCache, KVLayout, aligned_empty
+from stagejax.model_config import ModelConfig
+from stagejax.sampling import SamplingConfig, sample_token
+from stagejax.scheduler import (Group, GroupPlan, group_stages, kv_flush_points, plan_groups,
+                                streams_weights)
+from stagejax.stages import (STAGE_FNS, ChunkLayout, Stage, attention_block_step, build_stages,
+                             init_state, kv_groups_of, scored_nll, stage_index_value)
+from stagejax import ops
+
+
+def _leaf(key: str) -> str:
+    return key.rsplit("/", 1)[1]
+
+
+def _kv_from_storage(block, order: str, first_group, n_groups: int):
+    """Keys and values [S, n_groups, H] from a block in storage order (see kv_cache)."""
+    if order == "head_major":  # [2, n, S, H]
+        return block[0].transpose(1, 0, 2), block[1].transpose(1, 0, 2)
+    k = jax.lax.dynamic_slice_in_dim(block[:, 0], first_group, n_groups, axis=1)  # [S, 2, K, H]
+    v = jax.lax.dynamic_slice_in_dim(block[:, 1], first_group, n_groups, axis=1)
+    return k, v
+
+
+@dataclasses.dataclass
+class GroupRecord:
+    """One group's measurements in an instrumented pass (not a timed one)."""
+
+    group_id: str
+    elapsed_s: float
+    rss_bytes: int  # RSS after the group (and after its buffers were released)
+    peak_rss_bytes: int  # high-water RSS while the group ran (mark reset before it)
+    live_jax_bytes: int
+    planned_peak_bytes: int
+
+
+class StagedDecoder:
+    """Staged prefill, decode steps and scoring for one policy over a stage-shard checkpoint.
+
+    Args:
+      store: an open `stagejax.store.WeightStore`.
+      policy: "atomic" | "op" | "layer" (the "model" baseline runs `MonolithicDecoder`).
+      capacity: KV rows to allocate (prompt + generated tokens).
+      prefill_block: tokens per prefill/scoring pass.
+    """
+
+    def __init__(self, config: ModelConfig, store, layout: ChunkLayout, policy: str,
+                 kv_layout: KVLayout, capacity: int, prefill_block: int = 64,
+                 prefetch_depth: int = 1, sampling: SamplingConfig = SamplingConfig(),
+                 groups: Sequence[Group] | None = None):
+        self.config, self.store, self.layout, self.policy = config, store, layout, policy
+        self.stages: list[Stage] = build_stages(config, layout)
+        self.groups: list[Group] = list(groups) if groups is not None else group_stages(
+            self.stages, policy, config)
+        if any(g.kind == "fused" and g.stages[0].kind == "embed" for g in self.groups):
+            raise ValueError("the embed stage must be a group of its own")
+        self.kv_layout = kv_layout
+        self.kv_block = kv_layout.block_tokens
+        self.prefill_block = prefill_block
+        self.cache = HostKVCache(config, max(capacity, prefill_block), kv_layout)
+        self.flush_points = kv_flush_points(self.groups, config)
+        self.prefetch_depth = prefetch_depth
+        self._units = [list(g.weight_keys) for g in self.groups if streams_weights(g)]
+        self.prefetcher = store.prefetcher(self._units, prefetch_depth)
+        self._index = [jnp.asarray([stage_index_value(s, layout) for s in g.stages], jnp.int32)
+                       for g in self.groups]
+        self._first_head = [jnp.int32(g.stages[0].index) for g in self.groups]
+        self._ints: dict[int, jax.Array] = {}
+        self._embed_rows: dict[int, np.ndarray] = {}
+        self.kv_wait_s = 0.0
+        self._carries: dict[tuple[int, int], tuple] = {}  # online-softmax carries, reused
+        self.observer: Callable[[int, Group, float], None] | None = None
+        start = time.perf_counter()
+        self._executables: dict[tuple, Callable] = {}
+        self._group_exe: dict[tuple[int, int, bool], Callable] = {}
+        for tokens in sorted({1, prefill_block}):
+            for scoring in (False, True):
+                for gi in range(len(self.groups)):
+                    self._group_exe[(gi, tokens, scoring)] = self._compile_group(gi, tokens, scoring)
+        self._sample = jax.jit(lambda logits, key: sample_token(logits, key, sampling)).lower(
+            jax.ShapeDtypeStruct((config.vocab_size,), jnp.float32),
+            jax.ShapeDtypeStruct((2,), jnp.uint32)).compile()
+        self.compile_s = time.perf_counter() - start
+        self._states = {}
+
+    # ---- compilation ---------------------------------------------------------------------
+
+    def _spec(self, key: str) -> jax.ShapeDtypeStruct:
+        info = self.store.manifest.arrays[key]
+        return jax.ShapeDtypeStruct(tuple(info.shape), np.dtype(info.dtype))
+
+    def _state_spec(self, tokens: int, scoring: bool) -> dict:
+        return jax.eval_shape(lambda: init_state(self.config, tokens, scoring))
+
+    def _ctx_spec(self, tokens: int, scoring: bool) -> dict:
+        i32 = lambda shape=(): jax.ShapeDtypeStruct(shape, jnp.int32)
+        ctx = {"positions": i32((1, tokens)), "past_len": i32(), "last": i32()}
+        if scoring:
+            ctx["targets"] = i32((tokens,))
+        return ctx
+
+    def _compile_group(self, gi: int, tokens: int, scoring: bool):
+        group = self.groups[gi]
+        written, read_only = group.state_entries(scoring)
+        state_spec = self._state_spec(tokens, scoring)
+        if group.kind == "embed":
+            weight_specs = (jax.ShapeDtypeStruct((tokens, self.config.d_model), jnp.float32),) * (
+                2 if self.config.family == "gpt2" else 1)
+            signature = ("embed", tokens, scoring, len(weight_specs))
+            leaves = (("rows", "pos_rows")[:len(weight_specs)],)
+            kinds = ("embed",)
+        elif group.kind == "attn_blocks":
+            n_heads = len(group.stages)
+            n_groups = kv_groups_of(self.config, n_heads)
+            block_spec = jax.ShapeDtypeStruct(self._block_shape(n_groups), jnp.float32)
+            return {finish: self._compile_attn(tokens, scoring, n_heads, n_groups, block_spec, finish)
+                    for finish in (False, True)}
+        else:
+            weight_specs = tuple(self._spec(k) for k in group.weight_keys)
+            leaves = tuple(tuple(_leaf(k) for k in s.weight_keys) for s in group.stages)
+            kinds = tuple(s.kind for s in group.stages)
+            signature = ("fused", tokens, scoring, kinds, leaves,
+                         tuple((w.shape, str(w.dtype)) for w in weight_specs), len(group.kv_layers))
+        if signature in self._executables:
+            return self._executables[signature]
+        config, order = self.config, self.kv_layout.order
+        kv_slots = {layer: slot for slot, layer in enumerate(group.kv_layers)}
+        stage_slots = [kv_slots.get(s.layer) for s in group.stages]
+
+        def run(mut, const, weights, ctx, index, past):
+            state = {**const, **mut}
+            position = 0
+            for j, (kind, names) in enumerate(zip(kinds, leaves)):
+                if kind == "attn":
+                    past_k, past_v = _kv_from_storage(past[stage_slots[j]], order, 0,
+                                                      config.n_kv_heads)
+                    w = {"past_k": past_k, "past_v": past_v}
+                else:
+                    w = dict(zip(names, weights[position:position + len(names)]))
+                    position += len(names)
+                state = STAGE_FNS[kind](config, state, w, ctx, index[j])
+            return {e: state[e] for e in written}
+
+        past_spec = tuple(jax.ShapeDtypeStruct(self.cache.layer_shape, jnp.float32)
+                          for _ in group.kv_layers)
+        executable = jax.jit(run, donate_argnums=(0,)).lower(
+            {e: state_spec[e] for e in written}, {e: state_spec[e] for e in read_only},
+            weight_specs, self._ctx_spec(tokens, scoring),
+            jax.ShapeDtypeStruct((len(group.stages),), jnp.int32), past_spec).compile()
+        self._executables[signature] = executable
+        return executable
+
+    def _block_shape(self, n_groups: int) -> tuple[int, ...]:
+        h, rows = self.config.head_dim, self.kv_block
+        if self.kv_layout.order == "head_major":
+            return (2, n_groups, rows, h)
+        return (rows, 2, self.config.n_kv_heads, h)
+
+    def _compile_attn(self, tokens, scoring, n_heads, n_groups, block_spec, finish):
+        signature = ("attn", tokens, scoring, n_heads, block_spec.shape, finish)
+        if signature in self._executables:
+            return self._executables[signature]
+        config, order = self.config, self.kv_layout.order
+        state_spec = self._state_spec(tokens, scoring)
+
+        def run(attn, carry, const, block, ctx, first_head, block_start):
+            state = {**const, "attn": attn}
+            first_group = first_head // config.queries_per_kv_head
+            k, v = _kv_from_storage(block, order, first_group, n_groups)
+            state, carry = attention_block_step(config, state, carry, ctx, first_head, n_heads,
+                                                k, v, block_start, finish)
+            return state["attn"], carry
+
+        carry_spec = jax.eval_shape(lambda: ops.online_softmax_init(tokens, n_heads, config.head_dim))
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        executable = jax.jit(run, donate_argnums=(0, 1)).lower(
+            state_spec["attn"], carry_spec,
+            {e: state_spec[e] for e in ("q", "k_new", "v_new")}, block_spec,
+            self._ctx_spec(tokens, scoring), scalar, scalar).compile()
+        self._executables[signature] = executable
+        return executable
+
+    @property
+    def n_executables(self) -> int:
+        return len(self._executables) + 1  # + the sampler
+
+    # ---- planning --------------------------------------------------------------------------
+
+    def plan(self, tokens: int = 1) -> list[GroupPlan]:
+        return plan_groups(self.groups, self.config, self.store.nbytes, tokens, self.prefetch_depth,
+                           lambda n_groups: self.cache.block_bytes(n_groups, self.kv_block),
+                           2 * self.config.n_kv_heads * self.cache.capacity * self.config.head_dim * 4)
+
+    # ---- running ---------------------------------------------------------------------------
+
+    def _int(self, value: int) -> jax.Array:
+        if value not in self._ints:
+            self._ints[value] = jnp.int32(value)
+        return self._ints[value]
+
+    def _state(self, tokens: int, scoring: bool) -> dict:
+        key = (tokens, scoring)
+        if key not in self._states:
+            self._states[key] = init_state(self.config, tokens, scoring)
+        return self._states[key]
+
+    def _embed_buffer(self, tokens: int) -> np.ndarray:
+        if tokens not in self._embed_rows:
+            count = 2 if self.config.family == "gpt2" else 1
+            self._embed_rows[tokens] = aligned_empty((count, tokens, self.config.d_model))
+        return self._embed_rows[tokens]
+
+    def _read_embed(self, token_ids: np.ndarray, start: int) -> tuple[np.ndarray, ...]:
+        rows = self._embed_buffer(len(token_ids))
+        bounds = self.layout.vocab_bounds
+        for t, token in enumerate(token_ids):
+            c = self.layout.vocab_chunk_of(int(token))
+            rows[0, t] = self.store.read_rows(f"embed/{c}/w", [int(token) - bounds[c]])[0]
+        if self.config.family == "gpt2":
+            positions = np.minimum(np.arange(start, start + len(token_ids)), self.config.max_seq_len - 1)
+            rows[1] = self.store.read_rows("pos_embed/w", positions.tolist())
+        return tuple(rows)
+
+    def run_pass(self, token_ids: Sequence[int], start: int, n_real: int,
+                 targets: Sequence[int] | None = None):
+        """Run every group once for tokens at positions [start, start + T), T = len(token_ids).
+
+        Generation mode (targets None) leaves the last real token's logits in the state;
+        scoring mode leaves each token's NLL of its target. Returns the final state.
+        """
+        tokens = len(token_ids)
+        scoring = targets is not None
+        if start + tokens > self.cache.capacity:
+            raise ValueError(f"positions up to {start + tokens} exceed the KV capacity "
+                             f"{self.cache.capacity}")
+        token_ids = np.asarray(token_ids, np.int32)
+        positions = np.arange(start, start + tokens, dtype=np.int32)[None]
+        ctx = {"positions": jnp.asarray(positions), "past_len": self._int(start),
+               "last": self._int(n_real - 1)}
+        if scoring:
+            ctx["targets"] = jnp.asarray(np.asarray(targets, np.int32))
+        state = self._state(tokens, scoring)
+        if scoring:  # fresh log-sum-exp accumulators for this pass
+            state.update(nll_m=jnp.full((tokens,), ops.MASK_VALUE), nll_s=jnp.zeros((tokens,)),
+                         nll_target=jnp.zeros((tokens,)))
+        observer = self.observer
+        for gi, group in enumerate(self.groups):
+            t0 = time.perf_counter() if observer else 0.0
+            exe = self._group_exe[(gi, tokens, scoring)]
+            written, read_only = group.state_entries(scoring)
+            if group.kind == "embed":
+                rows = self._read_embed(token_ids, start)
+                out = exe({e: state[e] for e in written}, {}, rows, ctx, self._index[gi], ())
+                state.update(jax.block_until_ready(out))
+            elif group.kind == "attn_blocks":
+                self._run_attention(gi, group, exe, state, ctx, start, tokens)
+            else:
+                weights = self.prefetcher.next() if group.weight_keys else {}
+                past = ()
+                if group.kv_layers:
+                    kv_start = time.perf_counter()
+                    past = tuple(self.cache.read_past(layer, start) for layer in group.kv_layers)
+                    self.kv_wait_s += time.perf_counter() - kv_start
+                out = exe({e: state[e] for e in written}, {e: state[e] for e in read_only},
+                          tuple(weights[k] for k in group.weight_keys), ctx, self._index[gi], past)
+                state.update(jax.block_until_ready(out))
+                del out, past
+                if group.weight_keys:
+                    self.prefetcher.release(weights)
+                del weights
+            for layer in self.flush_points.get(gi, ()):
+                self.cache.write(layer, start, np.asarray(state["k_new"])[0],
+                                 np.asarray(state["v_new"])[0])
+            if observer:
+                observer(gi, group, time.perf_counter() - t0)
+        return state
+
+    def _run_attention(self, gi, group, exes, state, ctx, start, tokens):
+        n_heads = len(group.stages)
+        n_groups = kv_groups_of(self.config, n_heads)
+        first_head = group.stages[0].index
+        first_group = first_head // self.config.queries_per_kv_head
+        if self.kv_layout.order == "token_major":
+            first_group, n_groups = 0, self.config.n_kv_heads  # blocks carry every group
+        const = {e: state[e] for e in ("q", "k_new", "v_new")}
+        carry = self._carries.get((tokens, n_heads))
+        if carry is None:
+            carry = ops.online_softmax_init(tokens, n_heads, self.config.head_dim)
+        attn = state["attn"]
+        n_blocks = max(1, -(-start // self.kv_block))
+        layer = group.stages[0].layer
+        for b in range(n_blocks):
+            kv_start = time.perf_counter()
+            block = self.cache.read_block(layer, first_group, n_groups, b * self.kv_block, self.kv_block)
+            self.kv_wait_s += time.perf_counter() - kv_start
+            attn, carry = exes[b == n_blocks - 1](attn, carry, const, block, ctx,
+                                                  self._first_head[gi], self._int(b * self.kv_block))
+            jax.block_until_ready(carry)  # the block buffer is reused by the next read
+        state["attn"] = attn
+        self._carries[(tokens, n_heads)] = carry  # the finishing call returned a fresh carry
+
+    # ---- decoding API (the same protocol as MonolithicSession) -----------------------------
+
+    def prefill(self, prompt_ids: Sequence[int]) -> jax.Array:
+        """Run the prompt in passes of `prefill_block` tokens; returns the last token's logits."""
+        prompt_ids = list(prompt_ids)
+        state = None
+        for start in range(0, len(prompt_ids), self.prefill_block):
+            chunk = prompt_ids[start:start + self.prefill_block]
+            padded = chunk + [0] * (self.prefill_block - len(chunk))
+            state = self.run_pass(padded, start, len(chunk))
+        return state["logits"]
+
+    def step(self, token: int, position: int) -> jax.Array:
+        return self.run_pass([token], position, 1)["logits"]
+
+    def sample(self, logits, key) -> jax.Array:
+        return self._sample(logits, key)
+
+    def token_nll(self, window: Sequence[int]) -> np.ndarray:
+        """NLL of window[1:] given their prefixes, through the staged path: [len(window) - 1]."""
+        window = list(window)
+        nll = []
+        for start in range(0, len(window) - 1, self.prefill_block):
+            chunk = window[start:start + self.prefill_block]
+            targets = window[start + 1:start + 1 + self.prefill_block]
+            n_real = len(targets)
+            padded = chunk + [0] * (self.prefill_block - len(chunk))
+            targets = targets + [0] * (self.prefill_block - n_real)
+            state = self.run_pass(padded, start, len(chunk), targets)
+            nll.append(np.asarray(scored_nll(state))[:n_real])
+        return np.concatenate(nll)
+
+    def close(self) -> None:
+        self.prefetcher.close()
+        self.cache.close()

@@ -1,0 +1,187 @@
+"""Grouping atomic stages into jitted units, and the plan's memory accounting (design §5).
+
+Fixed policies:
+  atomic — every stage alone (attention: one head, looping over KV blocks);
+  op     — all heads / groups / chunks of one op together (attention: all heads of a layer,
+           looping over KV blocks);
+  layer  — every stage of a layer in one unit (attention over the layer's whole past);
+  model  — the classic baseline: weights resident, one jit per step (run by `MonolithicDecoder`;
+           its plan is one group).
+`embed` is always its own unit: its weights are the rows of this step's tokens, read on demand.
+
+Budget accounting (what a group holds while it runs): its weights + the activations it reads
+and writes + the KV it reads (one block, or its layer's whole past when attention is fused with
+other stages) + the weights of the next `prefetch_depth` units being read ahead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from stagejax.model_config import ModelConfig
+from stagejax.stages import Stage, kv_groups_of
+
+FIXED_POLICIES = ("atomic", "op", "layer", "model")
+
+# Activation entries each stage kind reads and writes (see stagejax.stages).
+READS = {
+    "embed": (), "attn_norm": ("x",), "ffn_norm": ("x",), "final_norm": ("x",),
+    "q": ("h",), "k": ("h",), "v": ("h",), "attn": ("q", "k_new", "v_new", "attn"),
+    "o": ("attn", "x"), "ffn": ("h", "x"), "head": ("h",),
+}
+WRITES = {
+    "embed": ("x",), "attn_norm": ("h",), "ffn_norm": ("h",), "final_norm": ("h",),
+    "q": ("q",), "k": ("k_new",), "v": ("v_new",), "attn": ("attn",), "o": ("x",),
+    "ffn": ("x",), "head": ("logits",),
+}
+SCORING_HEAD_STATE = ("nll_m", "nll_s", "nll_target")
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Consecutive stages run as one jitted unit."""
+
+    stages: tuple[Stage, ...]
+
+    @property
+    def id(self) -> str:
+        first, last = self.stages[0].id, self.stages[-1].id
+        return first if first == last else f"{first}..{last}"
+
+    @property
+    def kind(self) -> str:
+        """"embed", "attn_blocks" (attention only, one layer: loops over KV blocks) or "fused"."""
+        kinds = {s.kind for s in self.stages}
+        if kinds == {"embed"}:
+            return "embed"
+        if kinds == {"attn"} and len({s.layer for s in self.stages}) == 1:
+            return "attn_blocks"
+        return "fused"
+
+    @property
+    def weight_keys(self) -> tuple[str, ...]:
+        return tuple(k for s in self.stages for k in s.weight_keys)
+
+    def state_entries(self, scoring: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(written, read-only) activation entries, in a stable order."""
+        written, read = [], []
+        for s in self.stages:
+            w = WRITES[s.kind]
+            if s.kind == "head" and scoring:
+                w = SCORING_HEAD_STATE
+            written += [e for e in w if e not in written]
+            reads = READS[s.kind] + (SCORING_HEAD_STATE if s.kind == "head" and scoring else ())
+            read += [e for e in reads if e not in read]
+        read_only = tuple(e for e in read if e not in written)
+        return tuple(written), read_only
+
+    @property
+    def kv_layers(self) -> tuple[int, ...]:
+        """Layers whose past KV this group reads."""
+        return tuple(sorted({s.layer for s in self.stages if s.kind == "attn"}))
+
+
+def streams_weights(group: Group) -> bool:
+    """Whether a group takes a unit from the prefetcher (embed reads its rows on demand)."""
+    return group.kind != "embed" and bool(group.weight_keys)
+
+
+def group_stages(stages: Sequence[Stage], policy: str, config: ModelConfig) -> list[Group]:
+    """The groups of a fixed policy, in execution order."""
+    if policy not in FIXED_POLICIES:
+        raise ValueError(f"unknown schedule.policy {policy!r}; fixed policies: {', '.join(FIXED_POLICIES)}")
+    if policy == "model":
+        return [Group(tuple(stages))]
+    if policy == "atomic":
+        return [Group((s,)) for s in stages]
+    groups: list[list[Stage]] = []
+    for stage in stages:
+        key = _group_key(stage, policy)
+        if groups and groups[-1][0].kind != "embed" and _group_key(groups[-1][0], policy) == key:
+            groups[-1].append(stage)
+        else:
+            groups.append([stage])
+    return [Group(tuple(g)) for g in groups]
+
+
+def _group_key(stage: Stage, policy: str):
+    """Stages with equal keys, adjacent, share a group. `op`: one op of one layer; `layer`: one
+    layer (final_norm and the head chunks form the last group)."""
+    if policy == "op":
+        return (stage.layer, stage.kind)
+    return ("embed",) if stage.kind == "embed" else (stage.layer,)
+
+
+def kv_flush_points(groups: Sequence[Group], config: ModelConfig) -> dict[int, tuple[int, ...]]:
+    """For each group index, the layers whose new keys/values must be written to the cache
+    after it runs: the group holding the layer's last k or v stage."""
+    last_group_of_layer: dict[int, int] = {}
+    for gi, group in enumerate(groups):
+        for s in group.stages:
+            if s.kind in ("k", "v"):
+                last_group_of_layer[s.layer] = gi
+    points: dict[int, list[int]] = {}
+    for layer, gi in last_group_of_layer.items():
+        points.setdefault(gi, []).append(layer)
+    return {gi: tuple(sorted(layers)) for gi, layers in points.items()}
+
+
+@dataclasses.dataclass
+class GroupPlan:
+    """One row of the plan: what a group holds in memory while it runs."""
+
+    group_id: str
+    kind: str
+    n_stages: int
+    weight_bytes: int
+    activation_bytes: int
+    kv_bytes: int
+    prefetch_bytes: int
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.weight_bytes + self.activation_bytes + self.kv_bytes + self.prefetch_bytes
+
+
+def activation_bytes(group: Group, config: ModelConfig, tokens: int) -> int:
+    t, d, n, k, h = tokens, config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
+    sizes = {"x": t * d, "h": t * d, "q": t * n * h, "k_new": t * k * h, "v_new": t * k * h,
+             "attn": t * n * h, "logits": config.vocab_size, "nll_m": t, "nll_s": t, "nll_target": t}
+    written, read_only = group.state_entries()
+    entries = set(written) | set(read_only)
+    # Attention's online-softmax carry: (m, l, acc) per token and head.
+    carry = sum(t * (2 + h) for s in group.stages if s.kind == "attn")
+    return 4 * (sum(sizes[e] for e in entries) + carry)
+
+
+def kv_read_bytes(group: Group, config: ModelConfig, kv_block_bytes, layer_past_bytes) -> int:
+    """KV bytes resident while the group runs: one block (blocked attention) or whole pasts."""
+    if group.kind == "attn_blocks":
+        return kv_block_bytes(kv_groups_of(config, len(group.stages)))
+    return layer_past_bytes * len(group.kv_layers)
+
+
+def plan_groups(groups: Sequence[Group], config: ModelConfig, weight_bytes_of, tokens: int,
+                prefetch_depth: int, kv_block_bytes, layer_past_bytes: int) -> list[GroupPlan]:
+    """Memory accounting of every group (design §5): `weight_bytes_of(keys)` gives stored
+    bytes; the embed group holds only its tokens' rows."""
+    streamed = [weight_bytes_of(g.weight_keys) if streams_weights(g) else 0 for g in groups]
+    units = [i for i, g in enumerate(groups) if streams_weights(g)]
+    rows = []
+    for i, group in enumerate(groups):
+        if group.kind == "embed":
+            w = tokens * config.d_model * 4 * (2 if config.family == "gpt2" else 1)
+        else:
+            w = streamed[i]
+        ahead = 0
+        if prefetch_depth and units:
+            # The prefetcher keeps the next `depth` units (cyclically, across steps) in flight.
+            position = next((j for j, u in enumerate(units) if u >= i), 0)
+            if units[position] == i:
+                position += 1
+            ahead = sum(streamed[units[(position + j) % len(units)]] for j in range(prefetch_depth))
+        rows.append(GroupPlan(group.id, group.kind, len(group.stages), w,
+                              activation_bytes(group, config, tokens),
+                              kv_read_bytes(group, config, kv_block_bytes, layer_past_bytes), ahead))
+    return rows
