@@ -1,0 +1,322 @@
+"""Converting a model to an orbax stage-shard checkpoint (design §4), cached by content.
+
+A checkpoint lives at `${paths.cache}/checkpoints/<model>-<quant>-<hash>`; the hash covers the
+source's sha256, the conversion parameters and the format version, so converting the same
+inputs again finds it instead of writing it again. It is written to a temporary directory beside
+it and renamed on success: a failed or interrupted conversion leaves nothing that looks finished.
+
+The arrays are saved by orbax without OCDBT, as zarr v2 without compression: each array is one
+directory holding one raw, C-order chunk file, which `WeightStore` reads directly. After saving,
+every chunk file is read back, compared byte for byte with the array that was meant to be saved,
+and checksummed into the manifest. Plain orbax restores the directory:
+`ocp.PyTreeCheckpointer().restore(path)` gives the nested dict of numpy arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from stagejax.loading import ModelHandle, open_model
+from stagejax.model_config import ModelConfig
+from stagejax.settings import ModelSettings, PathSettings, QuantSettings
+from stagejax.store.layout import (QUANT_SCHEMES, ffn_chunk_bounds, flatten, nest,
+                                   normalize_vocab_chunk, shard_arrays, vocab_chunk_bounds)
+from stagejax.store.manifest import (DEFAULT_CHECKSUM, FORMAT_VERSION, MANIFEST_FILE,
+                                     TOKENIZER_FILE, ArrayInfo, CheckpointError, Manifest,
+                                     checksum_function)
+
+# Checksum granularity. 64 KiB: a one-row embedding read verifies ~28 SmolLM2 rows (~10 µs of
+# crc32, ~3 µs of xxh3), while a 3.5 MB FFN matrix needs only 54 checksums.
+DEFAULT_CHECKSUM_BLOCK_BYTES = 64 * 1024
+HASH_CHARS = 16  # of the sha256 hex digest in the directory name: 64 bits, no accidental clashes
+
+
+def default_cache_dir() -> Path:
+    """`$STAGEJAX_CACHE`, else `~/.cache/stagejax` (design §4)."""
+    return Path(os.environ.get("STAGEJAX_CACHE") or "~/.cache/stagejax").expanduser()
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
+    return default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser().resolve()
+
+
+def conversion_params(config: ModelConfig, ffn_chunks: int = 1, vocab_chunk: int | None = None,
+                      quant: str = "none",
+                      checksum_block_bytes: int = DEFAULT_CHECKSUM_BLOCK_BYTES,
+                      checksum: str = DEFAULT_CHECKSUM) -> dict:
+    """The parameters that define a checkpoint's contents, validated and in canonical form."""
+    checksum_function(checksum)  # known and importable
+    if quant not in QUANT_SCHEMES:
+        raise ValueError(f"quant={quant!r} is not one of: {', '.join(QUANT_SCHEMES)}")
+    if not isinstance(ffn_chunks, int) or not 1 <= ffn_chunks <= config.ffn_dim:
+        raise ValueError(f"ffn_chunks must be an int in [1, {config.ffn_dim}], got {ffn_chunks!r}")
+    if checksum_block_bytes <= 0:
+        raise ValueError(f"checksum_block_bytes must be positive, got {checksum_block_bytes}")
+    return {"ffn_chunks": int(ffn_chunks),
+            "vocab_chunk": normalize_vocab_chunk(config.vocab_size, vocab_chunk),
+            "quant": quant, "dtype": "float32", "checksum": checksum,
+            "checksum_block_bytes": int(checksum_block_bytes)}
+
+
+def checkpoint_hash(source_sha256: str, conversion: dict) -> str:
+    key = json.dumps({"format_version": FORMAT_VERSION, "source_sha256": source_sha256,
+                      "conversion": conversion}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:HASH_CHARS]
+
+
+class _Source:
+    """The model's weights and their identity, each computed at most once."""
+
+    def __init__(self, handle: ModelHandle):
+        self.handle = handle
+        self._params = None
+        self._identity = None
+
+    def params(self) -> dict:
+        if self._params is None:
+            self._params = flatten(self.handle.load_params())
+            self._params = {k: np.asarray(v) for k, v in self._params.items()}
+        return self._params
+
+    def identity(self) -> dict:
+        """format, path and sha256 of the source (random: of the generated parameters)."""
+        if self._identity is None:
+            h = self.handle
+            if h.source_format == "random":
+                sha = _params_sha256(self.params())
+            elif h.source_path and Path(h.source_path).is_dir():
+                sha = _dir_sha256(Path(h.source_path))
+            elif h.source_path:
+                sha = _file_sha256(Path(h.source_path))
+            else:
+                raise ValueError(f"model {h.name!r} has no source file to convert")
+            self._identity = {"format": h.source_format, "path": h.source_path, "sha256": sha}
+        return self._identity
+
+
+def _file_sha256(path: Path, digest=None) -> str:
+    digest = digest or hashlib.sha256()
+    buffer = bytearray(8 << 20)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def _dir_sha256(path: Path) -> str:
+    """A Hugging Face directory: every regular file's name and content, in name order."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
+        digest.update(file.name.encode() + b"\0")
+        _file_sha256(file, digest)
+    return digest.hexdigest()
+
+
+def _params_sha256(flat: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(flat):
+        a = np.ascontiguousarray(flat[key])
+        digest.update(f"{key}:{a.dtype.str}:{a.shape}\0".encode())
+        digest.update(a.view(np.uint8).reshape(-1))
+    return digest.hexdigest()
+
+
+def checkpoint_path(handle: ModelHandle, cache_dir: str | os.PathLike | None = None,
+                    ffn_chunks: int = 1, vocab_chunk: int | None = None, quant: str = "none",
+                    checksum_block_bytes: int = DEFAULT_CHECKSUM_BLOCK_BYTES,
+                    checksum: str = DEFAULT_CHECKSUM) -> Path:
+    """Where `convert_checkpoint` with these arguments puts (or finds) the checkpoint.
+
+    Hashes the source file (a random preset: generates its parameters) but converts nothing.
+    """
+    conversion = conversion_params(handle.config, ffn_chunks, vocab_chunk, quant,
+                                   checksum_block_bytes, checksum)
+    return _final_path(handle, _Source(handle).identity(), conversion, cache_dir)
+
+
+def _final_path(handle: ModelHandle, identity: dict, conversion: dict, cache_dir) -> Path:
+    name = f"{handle.name}-{conversion['quant']}-{checkpoint_hash(identity['sha256'], conversion)}"
+    return resolve_cache_dir(cache_dir) / "checkpoints" / name
+
+
+def convert_checkpoint(handle: ModelHandle, cache_dir: str | os.PathLike | None = None,
+                       ffn_chunks: int = 1, vocab_chunk: int | None = None, quant: str = "none",
+                       progress: bool = True,
+                       checksum_block_bytes: int = DEFAULT_CHECKSUM_BLOCK_BYTES,
+                       checksum: str = DEFAULT_CHECKSUM) -> Path:
+    """Convert `handle`'s weights to a stage-shard checkpoint, or find the cached one.
+
+    Args:
+      handle: from `stagejax.loading.open_model` (GGUF, HF directory or random preset).
+      cache_dir: `paths.cache`; None: `$STAGEJAX_CACHE` or `~/.cache/stagejax`.
+      ffn_chunks: FFN chunks per layer (`np.array_split` of the intermediate dimension).
+      vocab_chunk: rows per vocabulary chunk of the embedding / LM head; None or 0: one chunk.
+      quant: storage scheme of `stagejax.store.layout.QUANT_SCHEMES` ("none": float32).
+      progress: show a tqdm progress bar.
+      checksum_block_bytes: bytes per checksum block (rounded to whole rows of axis 0).
+      checksum: "xxh3_64" (fast; needs xxhash) or "crc32" (zlib).
+    Returns:
+      The checkpoint directory (orbax-restorable, with `manifest.json` and `tokenizer.json`).
+    """
+    conversion = conversion_params(handle.config, ffn_chunks, vocab_chunk, quant,
+                                   checksum_block_bytes, checksum)
+    source = _Source(handle)
+    final = _final_path(handle, source.identity(), conversion, cache_dir)
+    if (final / MANIFEST_FILE).is_file():
+        Manifest.read(final).check_matches(handle.config, handle.name)
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp_root = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        staged = tmp_root / "checkpoint"
+        write_checkpoint(staged, handle.name, handle.config, handle.tokenizer, source.params(),
+                         source.identity(), conversion, progress)
+        try:
+            os.rename(staged, final)
+        except OSError:
+            if not (final / MANIFEST_FILE).is_file():  # else another process converted it first
+                raise
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    return final
+
+
+def write_checkpoint(directory: Path, model_name: str, config: ModelConfig, tokenizer,
+                     params: dict, source: dict, conversion: dict,
+                     progress: bool = True) -> Manifest:
+    """Write the checkpoint into `directory` (which must not exist). `params`: flat or nested."""
+    import orbax.checkpoint as ocp
+    from tqdm.auto import tqdm
+
+    start_s = time.perf_counter()
+    if any(isinstance(v, dict) for v in params.values()):
+        params = flatten(params)
+    nested_params = nest(params)
+    ffn_bounds = ffn_chunk_bounds(config.ffn_dim, conversion["ffn_chunks"])
+    vocab_bounds = vocab_chunk_bounds(config.vocab_size, conversion["vocab_chunk"])
+    scheme = QUANT_SCHEMES[conversion["quant"]]
+    total_bytes = sum(int(np.asarray(v).nbytes) for v in params.values())
+    bar = tqdm(total=3 * total_bytes, unit="B", unit_scale=True, disable=not progress,
+               desc=f"convert {model_name}: split")
+    stored: dict[str, np.ndarray] = {}
+    for key, array in shard_arrays(nested_params, config, ffn_bounds, vocab_bounds):
+        group, leaf = key.rsplit("/", 1)
+        for leaf_name, value in scheme(leaf, array).items():
+            stored[f"{group}/{leaf_name}"] = np.ascontiguousarray(value)
+        bar.update(array.nbytes)
+
+    bar.set_description(f"convert {model_name}: orbax save")
+    # No OCDBT, no compression, zarr v2: one raw C-order chunk file per array, read directly.
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False, use_compression=False)
+    ocp.Checkpointer(handler).save(directory.absolute(), nest(stored))
+    os.sync()  # durable before the rename, and clean pages so drop_page_cache can drop them
+    bar.update(total_bytes)
+
+    bar.set_description(f"convert {model_name}: checksum")
+    arrays = {}
+    for key, value in stored.items():
+        arrays[key] = _describe_stored(directory, key, value, conversion["checksum_block_bytes"],
+                                       checksum_function(conversion["checksum"]))
+        bar.update(value.nbytes)
+    bar.close()
+
+    tokenizer_info = None  # a GGUF file may come without a vocabulary
+    if tokenizer is not None:
+        tokenizer_text = tokenizer.backend.to_str()
+        (directory / TOKENIZER_FILE).write_text(tokenizer_text)
+        tokenizer_info = {"file": TOKENIZER_FILE,
+                          "sha256": hashlib.sha256(tokenizer_text.encode()).hexdigest(),
+                          "bos_token_id": tokenizer.bos_token_id,
+                          "eos_token_id": tokenizer.eos_token_id,
+                          "add_bos": tokenizer.add_bos, "chat_template": tokenizer.chat_template}
+    manifest = Manifest(
+        format_version=FORMAT_VERSION, model_name=model_name, config=config,
+        conversion=conversion, arrays=arrays, ffn_chunk_bounds=ffn_bounds,
+        vocab_chunk_bounds=vocab_bounds, source=source, tokenizer_info=tokenizer_info,
+        extra={"orbax_checkpoint_version": ocp.__version__,
+               "created_unix_s": time.time(),
+               "convert_s": round(time.perf_counter() - start_s, 3)},
+        path=directory)
+    manifest.write(directory)
+    return manifest
+
+
+def array_dir(key: str) -> str:
+    """orbax's directory of the array at `key` (without OCDBT): the path joined by '.'."""
+    return key.replace("/", ".")
+
+
+def _describe_stored(directory: Path, key: str, value: np.ndarray, block_bytes: int,
+                     checksum) -> ArrayInfo:
+    """Check the array's zarr layout is one raw chunk equal to `value`; checksum it."""
+    zarr_dir = directory / array_dir(key)
+    try:
+        zarray = json.loads((zarr_dir / ".zarray").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"orbax wrote no array {key!r} (no {zarr_dir / '.zarray'})") from None
+    expected = {"zarr_format": 2, "compressor": None, "filters": None, "order": "C",
+                "dtype": value.dtype.str, "shape": list(value.shape), "chunks": list(value.shape)}
+    found = {k: zarray.get(k) for k in expected}
+    if found != expected:
+        raise CheckpointError(f"array {key!r}: orbax wrote {found}, not the single raw chunk "
+                              f"{expected} that direct reads need ({zarr_dir / '.zarray'})")
+    separator = zarray.get("dimension_separator", ".")
+    file = zarr_dir / (separator.join("0" * max(1, value.ndim)))
+    raw = np.fromfile(file, dtype=np.uint8)
+    if raw.nbytes != value.nbytes or not np.array_equal(raw, value.view(np.uint8).reshape(-1)):
+        raise CheckpointError(f"array {key!r}: {file} does not hold the array's bytes "
+                              f"({raw.nbytes} bytes on disk, {value.nbytes} expected)")
+    row_bytes = value.nbytes // value.shape[0] if value.ndim else value.nbytes
+    block_rows = max(1, block_bytes // max(1, row_bytes))
+    return ArrayInfo(key=key, shape=tuple(value.shape), dtype=value.dtype.name,
+                     nbytes=int(value.nbytes), file=str(file.relative_to(directory)),
+                     block_rows=block_rows,
+                     checksums=tuple(block_checksums(raw, block_rows * row_bytes, checksum)))
+
+
+def block_checksums(data: np.ndarray | memoryview, block_bytes: int, checksum) -> list[int]:
+    view = memoryview(data).cast("B")
+    return [checksum(view[start:start + block_bytes])
+            for start in range(0, max(1, len(view)), block_bytes)]
+
+
+@dataclasses.dataclass
+class ConvertSettings:
+    """`python -m stagejax.convert` (conf/convert.yaml): the model, its chunking, the cache."""
+
+    model: ModelSettings = dataclasses.field(default_factory=ModelSettings)
+    quant: QuantSettings = dataclasses.field(default_factory=QuantSettings)
+    paths: PathSettings = dataclasses.field(default_factory=PathSettings)
+    ffn_chunks: int = 1
+    vocab_chunk: Optional[int] = None  # rows per vocab chunk; None or 0: the whole vocabulary
+    seed: int = 0  # random presets only
+    checksum: str = "xxh3_64"  # or "crc32"
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.ffn_chunks < 1:
+            raise ValueError(f"ffn_chunks must be >= 1, got {self.ffn_chunks}")
+        if self.vocab_chunk is not None and self.vocab_chunk < 0:
+            raise ValueError(f"vocab_chunk must be >= 0 or null, got {self.vocab_chunk}")
+        if self.quant.scheme not in QUANT_SCHEMES:
+            raise ValueError(f"quant.scheme={self.quant.scheme!r} cannot be converted yet "
+                             f"(converter schemes: {', '.join(QUANT_SCHEMES)})")
+
+
+def convert_from_settings(settings: ConvertSettings) -> Path:
+    """Open the model and convert it (or find the cached checkpoint)."""
+    handle = open_model(settings.model.name, settings.model.path, settings.seed)
+    return convert_checkpoint(handle, settings.paths.cache, settings.ffn_chunks,
+                              settings.vocab_chunk, settings.quant.scheme, settings.progress,
+                              checksum=settings.checksum)
