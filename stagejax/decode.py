@@ -159,15 +159,34 @@ def decoder_for(config: ModelConfig, params_spec, prompt_len: int, max_new_token
     return MonolithicDecoder(config, params_spec, cache_len, prefill_len, sampling)
 
 
+class MonolithicSession:
+    """`MonolithicDecoder` with its parameters and KV cache bound: the session protocol that
+    `generate` drives (prefill(ids) -> logits, step(token, position) -> logits, sample)."""
+
+    def __init__(self, decoder: MonolithicDecoder, params):
+        self.decoder, self.params = decoder, params
+        self.cache = None
+
+    def prefill(self, prompt_ids):
+        if len(prompt_ids) > self.decoder.prefill_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds the decoder's prefill "
+                             f"length {self.decoder.prefill_len}")
+        logits, self.cache = self.decoder.prefill(self.params, prompt_ids, self.decoder.new_cache())
+        return logits
+
+    def step(self, token, position: int):
+        logits, self.cache = self.decoder.step(self.params, token, position, self.cache)
+        return logits
+
+    def sample(self, logits, key):
+        return self.decoder.sample(logits, key)
+
+
 def generate(config: ModelConfig, params, prompt_ids: list[int], max_new_tokens: int,
              sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
              eos_token_id: int | None = None, decoder: MonolithicDecoder | None = None,
              detokenize=None) -> GenerationResult:
-    """Generate up to `max_new_tokens` after `prompt_ids`, stopping at `eos_token_id`.
-
-    Compilation happens before the clock starts (in `MonolithicDecoder`); the prefill time is
-    the time to first token, and decode tokens/s counts the step calls after it.
-    """
+    """Generate with the monolithic reference (all weights resident)."""
     prompt_len = len(prompt_ids)
     check_context(prompt_len, max_new_tokens, config.max_seq_len)
     if decoder is None:
@@ -175,26 +194,44 @@ def generate(config: ModelConfig, params, prompt_ids: list[int], max_new_tokens:
     elif prompt_len > decoder.prefill_len or prompt_len + max_new_tokens > decoder.cache_len:
         raise ValueError(f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens does not fit "
                          f"the decoder (prefill {decoder.prefill_len}, cache {decoder.cache_len})")
-    keys = jax.random.split(jax.random.PRNGKey(seed), max(max_new_tokens, 1))
-    cache = decoder.new_cache()
-    jax.block_until_ready(cache)
+    return run_generation(MonolithicSession(decoder, params), prompt_ids, max_new_tokens, seed,
+                          eos_token_id, detokenize, decoder.compile_s)
 
+
+def sampling_keys(seed: int, max_new_tokens: int):
+    """One PRNG key per new token, derived from `seed`."""
+    return jax.random.split(jax.random.PRNGKey(seed), max(max_new_tokens, 1))
+
+
+def run_generation(session, prompt_ids: list[int], max_new_tokens: int, seed: int = 0,
+                   eos_token_id: int | None = None, detokenize=None,
+                   compile_s: float = 0.0, before_decode=None, keys=None) -> GenerationResult:
+    """Drive a decoding session: prefill the prompt, then one step per new token, stopping at
+    `eos_token_id`. The prefill time is the time to first token; decode tokens/s counts the
+    step calls after it. Nothing compiles in here (sessions compile before they are timed).
+    `before_decode()` runs between the prefill and the first step (e.g. to reset a memory mark).
+    `keys` (one per new token) may be derived in advance: `sampling_keys` compiles on first use."""
+    prompt_len = len(prompt_ids)
+    if keys is None:
+        keys = sampling_keys(seed, max_new_tokens)
     start = time.perf_counter()
-    logits, cache = decoder.prefill(params, prompt_ids, cache)
-    token = int(decoder.sample(logits, keys[0]))
+    logits = session.prefill(list(prompt_ids))
+    token = int(session.sample(logits, keys[0]))
     prefill_s = time.perf_counter() - start
 
     new_ids = [token]
     stopped = token == eos_token_id
+    if before_decode is not None:
+        before_decode()
     start = time.perf_counter()
     n_steps = 0
     while not stopped and len(new_ids) < max_new_tokens:
-        logits, cache = decoder.step(params, token, prompt_len + n_steps, cache)
-        token = int(decoder.sample(logits, keys[len(new_ids)]))
+        logits = session.step(token, prompt_len + n_steps)
+        token = int(session.sample(logits, keys[len(new_ids)]))
         n_steps += 1
         new_ids.append(token)
         stopped = token == eos_token_id
     decode_s = time.perf_counter() - start
     text = detokenize(new_ids) if detokenize else ""
-    return GenerationResult(list(prompt_ids), new_ids, text, stopped, decoder.compile_s,
+    return GenerationResult(list(prompt_ids), new_ids, text, stopped, compile_s,
                             prefill_s, decode_s, n_steps)

@@ -1,7 +1,17 @@
-"""One run of the main job: load, compile, generate, evaluate perplexity, write metrics.json.
+"""One run of the main job: convert, plan, compile, generate, evaluate perplexity, write metrics.
 
 `run_experiment(settings, out_dir)` is what `python -m stagejax.run` calls after composing its
 hydra config; it is equally usable from Python. Metric names follow design §7.
+
+Phases, in order (so every memory figure means what design §7 says):
+  1. describe the model, find or make its stage-shard checkpoint (cached);
+  2. compile every executable from shapes (staged: warmed once on zeros) — then
+     `baseline_rss_bytes`, the runtime's own cost, before any weight is loaded;
+  3. `model` loads every weight (resident); staged schedules stream them per group;
+  4. prefill, then the RSS high-water mark is reset and the decode steps are timed
+     (`peak_rss_decode_bytes` is that phase's peak above the baseline);
+  5. one more, untimed, instrumented decode step records the per-group memory timeline;
+  6. perplexity through the schedule's own path.
 """
 
 from __future__ import annotations
@@ -16,12 +26,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from stagejax import data, measure
-from stagejax.decode import decoder_for, generate, token_nll
-from stagejax.loading import open_model
+from stagejax.decode import (MonolithicSession, decoder_for, run_generation, sampling_keys,
+                             token_nll)
+from stagejax.executor import StagedDecoder
+from stagejax.kv_cache import KVLayout
+from stagejax.loading import open_model, release_freed_memory
 from stagejax.perplexity import perplexity_llama_cpp, perplexity_strided
 from stagejax.results import atomic_write_json
 from stagejax.sampling import SamplingConfig
+from stagejax.scheduler import GroupPlan
 from stagejax.settings import RunSettings
+from stagejax.stages import ChunkLayout, build_stages
+from stagejax.store import WeightStore, assemble_params, convert_checkpoint
 
 
 def prompt_ids(tokenizer, settings: RunSettings) -> list[int]:
@@ -29,6 +45,120 @@ def prompt_ids(tokenizer, settings: RunSettings) -> list[int]:
     if settings.decode.chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     return tokenizer.encode(prompt)
+
+
+class ScheduleRun:
+    """What differs between `model` and the staged schedules, behind one small interface:
+    a decoding session, a scoring function, the plan, and the I/O counters."""
+
+    def __init__(self, settings: RunSettings, handle, store: WeightStore, capacity: int,
+                 prompt_len: int, sampling: SamplingConfig):
+        self.settings, self.store = settings, store
+        config = handle.config
+        manifest = store.manifest
+        self.layout = ChunkLayout(tuple(manifest.ffn_chunk_bounds), tuple(manifest.vocab_chunk_bounds))
+        self.n_stages = len(build_stages(config, self.layout))
+        self.policy = settings.schedule.policy
+        self.config = config
+        start = time.perf_counter()
+        if self.policy == "model":
+            self.params_spec = handle.abstract_params()
+            self.decoder = decoder_for(config, self.params_spec, prompt_len,
+                                       settings.decode.max_new_tokens + 1, sampling)
+            self.nll = None
+            if settings.eval.ppl_chunks:
+                self.nll = jax.jit(lambda p, t: token_nll(config, p, t))
+                jax.block_until_ready(self.nll(
+                    jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), self.params_spec),
+                    jnp.zeros((1, settings.eval.n_ctx), jnp.int32)))
+            self.n_groups = 1
+            self.staged = None
+        else:
+            schedule, cache = settings.schedule, settings.cache
+            self.staged = StagedDecoder(
+                config, store, self.layout, self.policy,
+                KVLayout(cache.kind, cache.order, schedule.kv_block, cache.dtype),
+                capacity=capacity, prefill_block=schedule.prefill_block,
+                prefetch_depth=schedule.prefetch_depth, sampling=sampling)
+            self.n_groups = len(self.staged.groups)
+        self.compile_s = time.perf_counter() - start
+        self.params = None
+        self._session = None
+
+    def load(self) -> None:
+        """`model`: read every weight once and keep it resident (the classic baseline)."""
+        if self.policy != "model":
+            return
+        keys = list(self.store.manifest.arrays)
+        arrays = self.store.read(keys)
+        params = assemble_params(arrays, self.config, list(self.layout.ffn_bounds),
+                                 list(self.layout.vocab_bounds))
+        self.params = jax.tree_util.tree_map(lambda a: jnp.array(a, jnp.float32), params)
+        jax.block_until_ready(self.params)
+        self.warmup_s = self.decoder.warm_up(self.params)
+        self.store.release(arrays)
+        del arrays, params
+        self.store.clear_pool()
+        release_freed_memory()
+
+    def session(self):
+        """The decoding session (one per run: it owns the monolithic KV cache)."""
+        if self.staged is not None:
+            return self.staged
+        if self._session is None:
+            self._session = MonolithicSession(self.decoder, self.params)
+        return self._session
+
+    def nll_fn(self):
+        if self.staged is None:
+            return lambda window: self.nll(self.params, jnp.asarray(window))
+        return lambda window: self.staged.token_nll(window[0])[None]
+
+    def plan(self) -> list[GroupPlan]:
+        if self.staged is not None:
+            return self.staged.plan()
+        # model: every weight resident, the whole KV cache in RAM, one step's activations.
+        c = self.config
+        weights = sum(int(np.prod(s.shape)) * 4 for s in jax.tree_util.tree_leaves(self.params_spec))
+        kv = 2 * c.n_layers * self.decoder.cache_len * c.n_kv_heads * c.head_dim * 4
+        activations = 4 * (4 * c.d_model + 2 * c.n_heads * c.head_dim + c.ffn_dim * 3 + c.vocab_size)
+        return [GroupPlan("model", "fused", self.n_stages, weights, activations, kv, 0)]
+
+    def io_counters(self) -> tuple[int, float]:
+        """(bytes read from storage so far: weights + KV blocks, seconds spent waiting for them)."""
+        if self.staged is None:
+            return self.store.bytes_read, self.store.io_wait_s
+        return (self.store.bytes_read + self.staged.cache.bytes_read,
+                self.store.io_wait_s + self.staged.kv_wait_s)
+
+
+def record_timeline(run: ScheduleRun, position: int, token: int) -> list[dict]:
+    """One untimed, instrumented decode step: per group the RSS after it, the high-water RSS
+    while it ran (mark reset before each group), live JAX bytes and the planned peak."""
+    if run.staged is None:
+        measure.reset_peak_rss()
+        run.session().step(token, position)
+        return [{"group": "model", "rss_bytes": measure.rss_bytes(),
+                 "peak_rss_bytes": measure.peak_rss_bytes(),
+                 "live_jax_bytes": measure.live_jax_bytes(),
+                 "planned_peak_bytes": run.plan()[0].peak_bytes}]
+    plan = run.plan()
+    records: list[dict] = []
+
+    def observe(gi, group, elapsed_s):
+        records.append({"group": group.id, "elapsed_s": elapsed_s, "rss_bytes": measure.rss_bytes(),
+                        "peak_rss_bytes": measure.peak_rss_bytes(),
+                        "live_jax_bytes": measure.live_jax_bytes(),
+                        "planned_peak_bytes": plan[gi].peak_bytes})
+        measure.reset_peak_rss()
+
+    measure.reset_peak_rss()
+    run.staged.observer = observe
+    try:
+        run.staged.step(token, position)
+    finally:
+        run.staged.observer = None
+    return records
 
 
 def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = True) -> dict:
@@ -41,32 +171,44 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
     handle = open_model(settings.model.name, settings.model.path, settings.seed)
     config = handle.config
     ids = prompt_ids(handle.tokenizer, settings)
-    sampling = SamplingConfig(settings.decode.temperature, settings.decode.top_k, settings.decode.top_p)
-    params_spec = handle.abstract_params()
-
-    # Compile every executable from abstract shapes before any weight is loaded, so the
-    # baseline RSS is the runtime's own cost (design §7).
-    compile_start = time.perf_counter()
-    decoder = decoder_for(config, params_spec, len(ids), settings.decode.max_new_tokens, sampling)
+    max_new = settings.decode.max_new_tokens
+    if len(ids) + max_new + 1 > config.max_seq_len:
+        raise ValueError(f"prompt of {len(ids)} tokens + decode.max_new_tokens={max_new} exceeds "
+                         f"the model's context of {config.max_seq_len} tokens")
     n_ctx = settings.eval.n_ctx
-    if n_ctx > config.max_seq_len:
+    if settings.eval.ppl_chunks and n_ctx > config.max_seq_len:
         raise ValueError(f"eval.n_ctx={n_ctx} exceeds the model's context of {config.max_seq_len}")
-    nll_executable = None
-    if settings.eval.ppl_chunks:
-        nll_executable = jax.jit(lambda p, t: token_nll(config, p, t)).lower(
-            params_spec, jax.ShapeDtypeStruct((1, n_ctx), jnp.int32)).compile()
-    compile_s = time.perf_counter() - compile_start
+    sampling = SamplingConfig(settings.decode.temperature, settings.decode.top_k, settings.decode.top_p)
+
+    checkpoint = convert_checkpoint(handle, settings.paths.cache, settings.schedule.ffn_chunks,
+                                    settings.schedule.vocab_chunk, settings.quant.scheme,
+                                    progress=progress)
+    release_freed_memory()
+    store = WeightStore(checkpoint, verify=settings.store.verify, expect_config=config,
+                        drop_page_cache=settings.store.drop_page_cache)
+    capacity = max(len(ids) + max_new + 1, n_ctx if settings.eval.ppl_chunks else 0)
+    run = ScheduleRun(settings, handle, store, capacity, len(ids), sampling)
+    keys = jax.block_until_ready(sampling_keys(settings.seed, max_new))  # compiles: before baseline
+    release_freed_memory()
     baseline_rss = measure.rss_bytes()
 
-    params = handle.load_params()
-    jax.block_until_ready(params)
-    warmup_s = decoder.warm_up(params)
+    run.load()
+    session = run.session()
+    decode_io = {}
 
-    peak.start_phase()
-    generation = generate(config, params, ids, settings.decode.max_new_tokens, sampling,
-                          settings.seed, config.eos_token_id, decoder,
-                          detokenize=handle.tokenizer.decode)
+    def before_decode():
+        peak.start_phase()
+        decode_io["start"] = run.io_counters()
+
+    generation = run_generation(session, ids, max_new, settings.seed, config.eos_token_id,
+                                handle.tokenizer.decode, run.compile_s, before_decode=before_decode,
+                                keys=keys)
     peak_decode = peak.phase_peak_bytes()
+    bytes_end, wait_end = run.io_counters()
+    bytes_start, wait_start = decode_io.get("start", (bytes_end, wait_end))
+    steps = max(generation.n_decode_steps, 1)
+    timeline = record_timeline(run, len(ids) + len(generation.new_ids) - 1, generation.new_ids[-1])
+    plan = run.plan()
 
     metrics = {
         "model": settings.model.name,
@@ -75,35 +217,44 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
         "cache": settings.cache.kind,
         "baseline_rss_bytes": baseline_rss,
         "peak_rss_decode_bytes": peak_decode - baseline_rss,
-        "compile_s": compile_s,
-        "warmup_s": warmup_s,
+        "planned_peak_bytes": max(row.peak_bytes for row in plan),
+        "n_stages": run.n_stages,
+        "n_groups": run.n_groups,
+        "compile_s": run.compile_s,
         "decode_tokens_per_s": generation.decode_tokens_per_s,
         "prefill_tokens_per_s": generation.prefill_tokens_per_s,
         "time_to_first_token_s": generation.time_to_first_token_s,
+        "io_wait_frac": (wait_end - wait_start) / generation.decode_s if generation.decode_s else 0.0,
+        "bytes_streamed_per_token": (bytes_end - bytes_start) / steps,
         "n_decode_steps": generation.n_decode_steps,
         "prompt_tokens": len(ids),
         "generated_tokens": len(generation.new_ids),
         "generated_text": generation.text,
-        "param_bytes": int(sum(np.prod(a.shape) * a.dtype.itemsize
-                               for a in jax.tree_util.tree_leaves(params))),
+        "timeline_peak_rss_above_baseline_bytes": max(r["peak_rss_bytes"] for r in timeline) - baseline_rss,
+        "checkpoint": str(checkpoint),
     }
 
     if settings.eval.ppl_chunks:
         text = data.read_text(settings.eval.dataset, settings.paths.data)
         tokens = handle.tokenizer.encode(text)
-        nll_fn = lambda window: nll_executable(params, jnp.asarray(window))
+        nll_fn = run.nll_fn()
         if settings.eval.procedure == "llama_cpp":
             result = perplexity_llama_cpp(nll_fn, tokens, n_ctx, settings.eval.ppl_chunks, progress)
         else:
-            strided_fn = jax.jit(lambda p, t: token_nll(config, p, t))
-            result = perplexity_strided(lambda w: strided_fn(params, jnp.asarray(w)), tokens, n_ctx,
-                                        settings.eval.stride, settings.eval.ppl_chunks, progress)
+            result = perplexity_strided(nll_fn, tokens, n_ctx, settings.eval.stride,
+                                        settings.eval.ppl_chunks, progress)
         metrics.update(ppl=result.ppl, ppl_stderr=result.ppl_stderr, ppl_chunks=result.n_chunks,
                        n_ctx=n_ctx, ppl_procedure=result.procedure,
                        ppl_scored_tokens=result.n_scored_tokens)
 
     metrics["peak_rss_bytes"] = max(peak.overall_bytes, measure.peak_rss_bytes())
     metrics["wall_s"] = time.perf_counter() - wall_start
+    if run.staged is not None:
+        run.staged.close()
+    store.close()
+    atomic_write_json(out_dir / "plan.json", [dataclasses.asdict(row) | {"peak_bytes": row.peak_bytes}
+                                              for row in plan])
+    atomic_write_json(out_dir / "timeline.json", timeline)
     atomic_write_json(out_dir / "resolved_settings.json", dataclasses.asdict(settings))
     atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
@@ -114,13 +265,16 @@ def format_summary(metrics: dict) -> str:
     mb = lambda b: f"{b / 2**20:,.1f} MB"
     lines = [
         f"model {metrics['model']}  schedule {metrics['schedule']}  quant {metrics['quant']}  "
-        f"cache {metrics['cache']}",
+        f"cache {metrics['cache']}  ({metrics['n_stages']} stages in {metrics['n_groups']} groups)",
         f"generated: {json.dumps(metrics['generated_text'])}",
-        f"peak RSS {mb(metrics['peak_rss_bytes'])} (runtime baseline {mb(metrics['baseline_rss_bytes'])}, "
-        f"decode above baseline {mb(metrics['peak_rss_decode_bytes'])})",
+        f"peak RSS {mb(metrics['peak_rss_bytes'])} (runtime baseline {mb(metrics['baseline_rss_bytes'])}); "
+        f"decode above baseline {mb(metrics['peak_rss_decode_bytes'])}, planned "
+        f"{mb(metrics['planned_peak_bytes'])}",
         f"decode {metrics['decode_tokens_per_s']:.2f} tokens/s, prefill "
         f"{metrics['prefill_tokens_per_s']:.1f} tokens/s, time to first token "
         f"{metrics['time_to_first_token_s'] * 1e3:.1f} ms, compile {metrics['compile_s']:.1f} s",
+        f"streamed {mb(metrics['bytes_streamed_per_token'])} per token, I/O wait "
+        f"{100 * metrics['io_wait_frac']:.1f}% of decode time",
     ]
     if "ppl" in metrics:
         lines.append(f"perplexity {metrics['ppl']:.4f} +/- {metrics['ppl_stderr']:.4f} "

@@ -13,9 +13,9 @@ from typing import Optional
 from stagejax.model_config import PRESETS
 
 # Options implemented so far; design §5/§6 name more, which later work adds here and in conf/.
-SCHEDULE_POLICIES = ("model",)
+SCHEDULE_POLICIES = ("atomic", "op", "layer", "model")
 QUANT_SCHEMES = ("none",)
-CACHE_KINDS = ("ram",)
+CACHE_KINDS = ("ram", "disk")
 CACHE_ORDERS = ("head_major", "token_major")
 EVAL_PROCEDURES = ("llama_cpp", "strided")
 TRACKING_MODES = ("offline", "online", "disabled")
@@ -46,21 +46,23 @@ class ScheduleSettings:
     budget_mb: Optional[float] = None
     ffn_chunks: int = 1
     vocab_chunk: Optional[int] = None  # None: the whole vocabulary in one chunk
-    kv_block: int = 128
-    prefetch_depth: int = 1
+    kv_block: int = 512  # KV rows per attention block read (context 512: one block)
+    prefetch_depth: int = 2  # units read ahead; the store's thread hand-off makes 1 slow here
+    prefill_block: int = 64  # tokens per staged prefill / scoring pass
     activations: str = "ram"
 
     def __post_init__(self):
         _check_choice("schedule.policy", self.policy, SCHEDULE_POLICIES)
         _check_positive("schedule.ffn_chunks", self.ffn_chunks)
         _check_positive("schedule.kv_block", self.kv_block)
+        _check_positive("schedule.prefill_block", self.prefill_block)
         if self.vocab_chunk is not None:
             _check_positive("schedule.vocab_chunk", self.vocab_chunk)
         if self.budget_mb is not None:
             _check_positive("schedule.budget_mb", self.budget_mb)
         if self.prefetch_depth < 0:
             raise ValueError(f"schedule.prefetch_depth must be >= 0, got {self.prefetch_depth}")
-        _check_choice("schedule.activations", self.activations, ("ram", "disk"))
+        _check_choice("schedule.activations", self.activations, ("ram",))
 
 
 @dataclasses.dataclass
@@ -73,16 +75,23 @@ class QuantSettings:
 
 @dataclasses.dataclass
 class CacheSettings:
-    kind: str = "ram"
+    kind: str = "ram"  # ram: host arrays; disk: a file per layer, read block by block
     dtype: str = "float32"
-    block_tokens: int = 128
     order: str = "head_major"
 
     def __post_init__(self):
         _check_choice("cache.kind", self.kind, CACHE_KINDS)
         _check_choice("cache.dtype", self.dtype, ("float32",))
-        _check_positive("cache.block_tokens", self.block_tokens)
         _check_choice("cache.order", self.order, CACHE_ORDERS)
+
+
+@dataclasses.dataclass
+class StoreSettings:
+    verify: str = "open"  # checksums: all once on open | every read | off (sizes only)
+    drop_page_cache: bool = False  # evict the checkpoint's pages first: a reproducible cold run
+
+    def __post_init__(self):
+        _check_choice("store.verify", self.verify, ("open", "read", "off"))
 
 
 @dataclasses.dataclass
@@ -143,6 +152,7 @@ class RunSettings:
     schedule: ScheduleSettings = dataclasses.field(default_factory=ScheduleSettings)
     quant: QuantSettings = dataclasses.field(default_factory=QuantSettings)
     cache: CacheSettings = dataclasses.field(default_factory=CacheSettings)
+    store: StoreSettings = dataclasses.field(default_factory=StoreSettings)
     eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)
     decode: DecodeSettings = dataclasses.field(default_factory=DecodeSettings)
     paths: PathSettings = dataclasses.field(default_factory=PathSettings)
