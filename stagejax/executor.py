@@ -83,6 +83,42 @@ class GroupRecord:
     planned_peak_bytes: int
 
 
+class _ZeroWeights:
+    """Stands in for the WeightStore during `StagedDecoder.dry_run`: zeros of every shape."""
+
+    def __init__(self, manifest):
+        self.manifest = manifest
+        self._zeros: dict[tuple, np.ndarray] = {}
+
+    def _zero(self, shape, dtype) -> np.ndarray:
+        key = (tuple(shape), np.dtype(dtype).str)
+        if key not in self._zeros:
+            array = aligned_empty(shape, dtype)
+            array.fill(0)
+            self._zeros[key] = array
+        return self._zeros[key]
+
+    def read_rows(self, key: str, rows) -> np.ndarray:
+        info = self.manifest.arrays[key]
+        return self._zero((len(rows),) + tuple(info.shape[1:]), info.dtype)
+
+    def next_unit(self, keys) -> dict:
+        return {k: self._zero(self.manifest.arrays[k].shape, self.manifest.arrays[k].dtype) for k in keys}
+
+
+class _ZeroPrefetcher:
+    def __init__(self, zeros: _ZeroWeights, units):
+        self.zeros, self.units, self.position = zeros, units, 0
+
+    def next(self) -> dict:
+        unit = self.units[self.position]
+        self.position = (self.position + 1) % len(self.units)
+        return self.zeros.next_unit(unit)
+
+    def release(self, arrays) -> None:
+        pass
+
+
 class StagedDecoder:
     """Staged prefill, decode steps and scoring for one policy over a stage-shard checkpoint.
 
@@ -232,6 +268,25 @@ class StagedDecoder:
         self._executables[signature] = executable
         return executable
 
+    def dry_run(self) -> None:
+        """One prefill pass and one decode step on zero weights, through the real code path.
+
+        Compiling (even with a warm-up call) leaves first-use costs behind: the dispatch
+        path's caches, host-buffer adoption, KV reads and writes (~4 MB on the tiny model).
+        They are the runtime's, not the working set's, so runs do them before measuring the
+        baseline. The cache rows written here are later overwritten or masked.
+        """
+        zeros = _ZeroWeights(self.store.manifest)
+        store, prefetcher = self.store, self.prefetcher
+        self.store, self.prefetcher = zeros, _ZeroPrefetcher(zeros, self._units)
+        try:
+            self.run_pass([0] * self.prefill_block, 0, 1)
+            self.step(0, 1)
+        finally:
+            self.store, self.prefetcher = store, prefetcher
+            self.cache.bytes_read = self.cache.bytes_written = 0
+            self.kv_wait_s = 0.0
+
     @property
     def n_executables(self) -> int:
         return len(self._executables) + 1  # + the sampler
@@ -241,7 +296,8 @@ class StagedDecoder:
     def plan(self, tokens: int = 1) -> list[GroupPlan]:
         return plan_groups(self.groups, self.config, self.store.nbytes, tokens, self.prefetch_depth,
                            lambda n_groups: self.cache.block_bytes(n_groups, self.kv_block),
-                           2 * self.config.n_kv_heads * self.cache.capacity * self.config.head_dim * 4)
+                           2 * self.config.n_kv_heads * self.cache.capacity * self.config.head_dim * 4,
+                           getattr(self.prefetcher, "slab_bytes", 0))
 
     # ---- running ---------------------------------------------------------------------------
 
@@ -267,11 +323,20 @@ class StagedDecoder:
         bounds = self.layout.vocab_bounds
         for t, token in enumerate(token_ids):
             c = self.layout.vocab_chunk_of(int(token))
-            rows[0, t] = self.store.read_rows(f"embed/{c}/w", [int(token) - bounds[c]])[0]
+            row = self.store.read_rows(f"embed/{c}/w", [int(token) - bounds[c]])
+            rows[0, t] = row[0]
+            self._release_rows(row)
         if self.config.family == "gpt2":
             positions = np.minimum(np.arange(start, start + len(token_ids)), self.config.max_seq_len - 1)
-            rows[1] = self.store.read_rows("pos_embed/w", positions.tolist())
+            pos_rows = self.store.read_rows("pos_embed/w", positions.tolist())
+            rows[1] = pos_rows
+            self._release_rows(pos_rows)
         return tuple(rows)
+
+    def _release_rows(self, rows: np.ndarray) -> None:
+        release = getattr(self.store, "release", None)
+        if release is not None:  # the dry run's zero weights are not lent
+            release(rows)
 
     def run_pass(self, token_ids: Sequence[int], start: int, n_real: int,
                  targets: Sequence[int] | None = None):
@@ -385,6 +450,16 @@ class StagedDecoder:
             state = self.run_pass(padded, start, len(chunk), targets)
             nll.append(np.asarray(scored_nll(state))[:n_real])
         return np.concatenate(nll)
+
+    def release_pass_buffers(self, keep_tokens: int = 1) -> None:
+        """Drop activation states, carries and row buffers of passes other than `keep_tokens`
+        tokens (e.g. the prefill's before decoding): idle memory otherwise. Rebuilt on use."""
+        for key in [k for k in self._states if k[0] != keep_tokens]:
+            del self._states[key]
+        for key in [k for k in self._carries if k[0] != keep_tokens]:
+            del self._carries[key]
+        for key in [k for k in self._embed_rows if k != keep_tokens]:
+            del self._embed_rows[key]
 
     def close(self) -> None:
         self.prefetcher.close()

@@ -30,7 +30,7 @@ from stagejax.decode import (MonolithicSession, decoder_for, run_generation, sam
                              token_nll)
 from stagejax.executor import StagedDecoder
 from stagejax.kv_cache import KVLayout
-from stagejax.loading import open_model, release_freed_memory
+from stagejax.loading import open_model, release_freed_memory, use_one_malloc_arena
 from stagejax.perplexity import perplexity_llama_cpp, perplexity_strided
 from stagejax.results import atomic_write_json
 from stagejax.sampling import SamplingConfig
@@ -81,6 +81,7 @@ class ScheduleRun:
                 capacity=capacity, prefill_block=schedule.prefill_block,
                 prefetch_depth=schedule.prefetch_depth, sampling=sampling)
             self.n_groups = len(self.staged.groups)
+            self.staged.dry_run()
         self.compile_s = time.perf_counter() - start
         self.params = None
         self._session = None
@@ -165,6 +166,7 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
     """Run the configured job and write `metrics.json` (atomically) into `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    use_one_malloc_arena()
     peak = measure.PeakRss()
     wall_start = time.perf_counter()
 
@@ -197,6 +199,9 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
     decode_io = {}
 
     def before_decode():
+        if run.staged is not None:
+            run.staged.release_pass_buffers(keep_tokens=1)
+        release_freed_memory()  # prefill's freed temporaries are not the decode's working set
         peak.start_phase()
         decode_io["start"] = run.io_counters()
 

@@ -134,14 +134,16 @@ class GroupPlan:
     group_id: str
     kind: str
     n_stages: int
-    weight_bytes: int
+    weight_bytes: int  # the group's own weights
     activation_bytes: int
     kv_bytes: int
-    prefetch_bytes: int
+    prefetch_bytes: int  # buffers of the units read ahead
+    buffer_bytes: int = 0  # the buffer holding its weights (a slab: >= weight_bytes), 0 = weight_bytes
 
     @property
     def peak_bytes(self) -> int:
-        return self.weight_bytes + self.activation_bytes + self.kv_bytes + self.prefetch_bytes
+        return (max(self.weight_bytes, self.buffer_bytes) + self.activation_bytes + self.kv_bytes
+                + self.prefetch_bytes)
 
 
 def activation_bytes(group: Group, config: ModelConfig, tokens: int) -> int:
@@ -163,9 +165,12 @@ def kv_read_bytes(group: Group, config: ModelConfig, kv_block_bytes, layer_past_
 
 
 def plan_groups(groups: Sequence[Group], config: ModelConfig, weight_bytes_of, tokens: int,
-                prefetch_depth: int, kv_block_bytes, layer_past_bytes: int) -> list[GroupPlan]:
+                prefetch_depth: int, kv_block_bytes, layer_past_bytes: int,
+                slab_bytes: int = 0) -> list[GroupPlan]:
     """Memory accounting of every group (design §5): `weight_bytes_of(keys)` gives stored
-    bytes; the embed group holds only its tokens' rows."""
+    bytes; the embed group holds only its tokens' rows. With `slab_bytes` (the prefetcher
+    reads every unit into one of depth + 1 slabs of that size), a streamed group's weights
+    occupy a slab and each unit in flight another."""
     streamed = [weight_bytes_of(g.weight_keys) if streams_weights(g) else 0 for g in groups]
     units = [i for i, g in enumerate(groups) if streams_weights(g)]
     rows = []
@@ -176,12 +181,17 @@ def plan_groups(groups: Sequence[Group], config: ModelConfig, weight_bytes_of, t
             w = streamed[i]
         ahead = 0
         if prefetch_depth and units:
-            # The prefetcher keeps the next `depth` units (cyclically, across steps) in flight.
-            position = next((j for j, u in enumerate(units) if u >= i), 0)
-            if units[position] == i:
-                position += 1
-            ahead = sum(streamed[units[(position + j) % len(units)]] for j in range(prefetch_depth))
+            if slab_bytes:
+                ahead = prefetch_depth * slab_bytes
+            else:
+                # The next `depth` units (cyclically, across steps) are in flight.
+                position = next((j for j, u in enumerate(units) if u >= i), 0)
+                if units[position] == i:
+                    position += 1
+                ahead = sum(streamed[units[(position + j) % len(units)]] for j in range(prefetch_depth))
+        buffer = slab_bytes if streamed[i] else 0
         rows.append(GroupPlan(group.id, group.kind, len(group.stages), w,
                               activation_bytes(group, config, tokens),
-                              kv_read_bytes(group, config, kv_block_bytes, layer_past_bytes), ahead))
+                              kv_read_bytes(group, config, kv_block_bytes, layer_past_bytes), ahead,
+                              buffer))
     return rows

@@ -235,6 +235,25 @@ class WeightStore:
             raise
         return out
 
+    def _read_unit_into(self, keys: Sequence[str], offsets: Sequence[int], slab: np.ndarray
+                        ) -> dict[str, np.ndarray]:
+        """Read a unit's arrays into views of `slab` at `offsets` (prefetcher slabs; these
+        arrays are not lent one by one: the prefetcher lends the slab)."""
+        out = {}
+        read = 0
+        for key, offset in zip(keys, offsets):
+            e = self._entry(key)
+            buffer = slab[offset:offset + e.nbytes]
+            self._pread(e, buffer, 0)
+            if self._verify_reads:
+                self._check(e, buffer, 0)
+            out[key] = buffer.view(e.dtype).reshape(e.shape)
+            read += e.nbytes
+        with self._lock:
+            self.bytes_read += read
+            self.resident_bytes += read  # until the prefetcher's release() or close()
+        return out
+
     def _read_array(self, e: _Entry) -> np.ndarray:
         buffer = self._take(e.nbytes)
         try:
@@ -376,6 +395,25 @@ class Prefetcher:
         self._index = 0  # the unit next() returns next
         self._closed = False
         self._thread = None
+        # Memory: depth + 1 slabs, each as large as the largest unit (arrays 64-byte aligned
+        # inside it): the unit being computed with plus `depth` read ahead. Exactly what the
+        # plan counts; a pool keyed by array size would keep a buffer of every size resident.
+        # Slabs are allocated untouched, so their pages count only once reads fill them.
+        self._offsets = []
+        slab_bytes = 0
+        for unit in self._units:
+            offsets, end = [], 0
+            for key in unit:
+                offsets.append(end)
+                end += -(-store._entries[key].nbytes // ALIGN_BYTES) * ALIGN_BYTES
+            self._offsets.append(tuple(offsets))
+            slab_bytes = max(slab_bytes, end)
+        self.slab_bytes = slab_bytes
+        self._free_slabs: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(depth + 1):
+            self._free_slabs.put(aligned_empty(max(slab_bytes, ALIGN_BYTES)))
+        self._lent_slabs: dict[int, np.ndarray] = {}
+        self._lent_bytes: dict[int, int] = {}
         if depth:
             self._slots: queue.SimpleQueue = queue.SimpleQueue()  # one token per free slot
             for _ in range(depth):
@@ -394,7 +432,8 @@ class Prefetcher:
 
     def _run(self) -> None:
         units, sizes, fds, n = self._units, self._unit_bytes, self._unit_fds, len(self._units)
-        read_unit, slots, ready, i = self._store._read_unit, self._slots, self._ready, 0
+        read_unit, slots, ready, i = self._store._read_unit_into, self._slots, self._ready, 0
+        offsets, free_slabs = self._offsets, self._free_slabs
         try:
             while True:
                 slots.get()
@@ -412,7 +451,10 @@ class Prefetcher:
                 if self.advise_ahead:
                     for fd in fds[i + 1 if i + 1 < n else 0]:
                         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-                ready.put(read_unit(units[i]))
+                slab = free_slabs.get()
+                if self._closed:
+                    return
+                ready.put((read_unit(units[i], offsets[i], slab), slab))
                 i = i + 1 if i + 1 < n else 0
         except BaseException as error:  # handed to the consumer by next()
             ready.put(_Failure(error))
@@ -425,8 +467,10 @@ class Prefetcher:
         self._index = i + 1 if i + 1 < len(self._units) else 0
         if self._thread is None:
             start = time.perf_counter()
-            arrays = self._store._read_unit(self._units[i])
+            slab = self._free_slabs.get_nowait()
+            arrays = self._store._read_unit_into(self._units[i], self._offsets[i], slab)
             self._store._add_wait(time.perf_counter() - start)
+            self._lend(arrays, slab, i)
             return arrays
         try:
             item = self._ready.get_nowait()
@@ -440,11 +484,22 @@ class Prefetcher:
         self._handed_units += 1
         self._handed_bytes += self._unit_bytes[i]
         self._slots.put(None)
-        return item
+        arrays, slab = item
+        self._lend(arrays, slab, i)
+        return arrays
+
+    def _lend(self, arrays, slab, i) -> None:
+        self._lent_slabs[id(arrays)] = slab
+        self._lent_bytes[id(arrays)] = self._unit_bytes[i]
 
     def release(self, arrays) -> None:
-        """Give a unit's buffers back to the store's pool."""
-        self._store.release(arrays)
+        """Give a unit's slab back (its arrays must not be used afterwards)."""
+        slab = self._lent_slabs.pop(id(arrays), None)
+        if slab is None:
+            raise ValueError("release() of a unit this prefetcher did not hand out, or released twice")
+        with self._store._lock:
+            self._store.resident_bytes -= self._lent_bytes.pop(id(arrays))
+        self._free_slabs.put(slab)
 
     def close(self) -> None:
         """Stop the thread and return the units read ahead to the pool."""
@@ -453,15 +508,17 @@ class Prefetcher:
         self._closed = True
         if self._thread is not None:
             self._slots.put(None)  # wake the thread if it waits for a slot
+            self._free_slabs.put(aligned_empty(ALIGN_BYTES))  # ... or for a slab
             self._thread.join()
             self._thread = None
-            while True:
+            while True:  # units read ahead and never handed over
                 try:
                     item = self._ready.get_nowait()
                 except queue.Empty:
                     break
                 if type(item) is not _Failure:
-                    self._store.release(item)
+                    with self._store._lock:
+                        self._store.resident_bytes -= sum(a.nbytes for a in item[0].values())
             self._handed_units, self._handed_bytes = self._started_units, self._started_bytes
 
     def __enter__(self) -> "Prefetcher":
