@@ -231,7 +231,9 @@ class StagedDecoder:
             return {e: state[e] for e in written}
 
         past_spec = tuple(Host(self.cache.layer_shape, jnp.float32) for _ in group.kv_layers)
-        executable = jax.jit(run, donate_argnums=(0,))
+        # keep_unused: a stage that only writes an entry (embed: x, norms: h) must still receive its
+        # donated buffer, so the output reuses it instead of allocating.
+        executable = jax.jit(run, donate_argnums=(0,), keep_unused=True)
         _warm_up(executable, {e: state_spec[e] for e in written}, {e: state_spec[e] for e in read_only},
                  weight_specs, self._ctx_spec(tokens, scoring),
                  jax.ShapeDtypeStruct((len(group.stages),), jnp.int32), past_spec)
@@ -261,7 +263,7 @@ class StagedDecoder:
 
         carry_spec = jax.eval_shape(lambda: ops.online_softmax_init(tokens, n_heads, config.head_dim))
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
-        executable = jax.jit(run, donate_argnums=(0, 1))
+        executable = jax.jit(run, donate_argnums=(0, 1), keep_unused=True)
         _warm_up(executable, state_spec["attn"], carry_spec,
                  {e: state_spec[e] for e in ("q", "k_new", "v_new")}, block_spec,
                  self._ctx_spec(tokens, scoring), scalar, scalar)

@@ -237,6 +237,7 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
         "generated_text": generation.text,
         "timeline_peak_rss_above_baseline_bytes": max(r["peak_rss_bytes"] for r in timeline) - baseline_rss,
         "checkpoint": str(checkpoint),
+        "weight_bytes": store.manifest.nbytes,
     }
 
     if settings.eval.ppl_chunks:
