@@ -73,9 +73,9 @@ def main():
     parser.add_argument("--ffn-chunks", type=int, default=8)
     parser.add_argument("--vocab-chunk", type=int, default=512)
     parser.add_argument("--kv-block", type=int, default=512)
-    parser.add_argument("--prefetch-depth", type=int, default=1)
+    parser.add_argument("--prefetch-depth", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--prompt-chars", type=int, default=2000)  # ~480 SmolLM2 tokens
+    parser.add_argument("--prompt-chars", type=int, default=1820)  # ~480 SmolLM2 tokens
     parser.add_argument("--ppl-chunks", type=int, default=2)
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "schedules_smollm2"))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one policy in this process
