@@ -20,17 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from stagejax.model_config import ModelConfig
-
-ALIGNMENT = 64  # bytes: XLA on CPU adopts host buffers without copying when they are aligned
-
+from stagejax.store.weight_store import aligned_empty as aligned_bytes
 
 def aligned_empty(shape, dtype=np.float32) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data starts on a 64-byte boundary."""
+    """An uninitialised C-contiguous array on a 64-byte boundary (zero-copy into XLA)."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
-    offset = (-raw.ctypes.data) % ALIGNMENT
-    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+    return aligned_bytes(int(np.prod(shape)) * dtype.itemsize).view(dtype).reshape(shape)
 
 
 @dataclasses.dataclass(frozen=True)
