@@ -547,7 +547,7 @@ def smollm2():
     try:
         path = gguf_import.packaged_smollm2_gguf()
     except GGUFImportError as e:
-        pytest.skip(str(e))
+        pytest.fail(str(e))  # the default tier requires the packaged GGUF (scripts/setup.sh installs it)
     with GGUFFile(path) as f:
         yield f
 

@@ -494,7 +494,7 @@ def test_smollm2_conversion(tmp_path):
     try:
         gguf_path = packaged_smollm2_gguf()
     except GGUFImportError as e:
-        pytest.skip(str(e))
+        pytest.fail(str(e))  # the default tier requires the packaged GGUF (scripts/setup.sh installs it)
     handle = open_model("smollm2_135m")
     params = jax.tree_util.tree_map(np.asarray, handle.load_params())
     handle = dataclasses.replace(handle, _read_params=lambda: params)  # read the GGUF once
