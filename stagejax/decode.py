@@ -61,15 +61,16 @@ class GenerationResult:
         return self.n_decode_steps / self.decode_s if self.n_decode_steps else float("nan")
 
 
-def forward_logits(config: ModelConfig, params, tokens_BT):
-    """Cache-free forward: logits [B, T, V] float32."""
-    logits, _ = Decoder(config).apply({"params": params}, tokens_BT)
+def forward_logits(config: ModelConfig, params, tokens_BT, kv_dtype: str = "float32"):
+    """Cache-free forward: logits [B, T, V] float32 (keys/values through a `kv_dtype` cache's
+    round trip)."""
+    logits, _ = Decoder(config, kv_dtype).apply({"params": params}, tokens_BT)
     return logits
 
 
-def token_nll(config: ModelConfig, params, tokens_BT):
+def token_nll(config: ModelConfig, params, tokens_BT, kv_dtype: str = "float32"):
     """Negative log-likelihood of tokens[:, 1:] given their prefixes: [B, T - 1] float32."""
-    log_probs = ops.log_softmax(forward_logits(config, params, tokens_BT)[:, :-1])
+    log_probs = ops.log_softmax(forward_logits(config, params, tokens_BT, kv_dtype)[:, :-1])
     return -jnp.take_along_axis(log_probs, tokens_BT[:, 1:, None], axis=-1)[..., 0]
 
 
@@ -77,14 +78,16 @@ class MonolithicDecoder:
     """Prefill + step decoding with all weights resident (the `model` schedule)."""
 
     def __init__(self, config: ModelConfig, params_spec, cache_len: int, prefill_len: int,
-                 sampling: SamplingConfig = SamplingConfig(), cache_dtype=jnp.float32):
+                 sampling: SamplingConfig = SamplingConfig(), cache_dtype=jnp.float32,
+                 kv_dtype: str = "float32"):
         """Compiles prefill, step and sampling for `params_spec` (arrays or ShapeDtypeStructs)."""
         if prefill_len > cache_len:
             raise ValueError(f"prefill length {prefill_len} exceeds the cache length {cache_len}")
         self.config = config
         self.cache_len, self.prefill_len = cache_len, prefill_len
         self.cache_dtype = cache_dtype
-        model = Decoder(config)
+        # The resident cache stays float32; a lossy `kv_dtype` is applied as its round trip.
+        model = Decoder(config, kv_dtype)
 
         def prefill(params, tokens_1T, n_tokens, cache):
             logits_1TV, cache = model.apply({"params": params}, tokens_1T, kv_cache=cache, start=0)
@@ -150,13 +153,13 @@ def check_context(prompt_len: int, max_new_tokens: int, max_seq_len: int):
 
 
 def decoder_for(config: ModelConfig, params_spec, prompt_len: int, max_new_tokens: int,
-                sampling: SamplingConfig = SamplingConfig()) -> MonolithicDecoder:
+                sampling: SamplingConfig = SamplingConfig(), kv_dtype: str = "float32") -> MonolithicDecoder:
     """A decoder sized for this prompt and generation length (shapes bucketed)."""
     check_context(prompt_len, max_new_tokens, config.max_seq_len)
     prefill_len = prefill_bucket(prompt_len, config.max_seq_len)
     cache_len = min(round_up(max(prefill_len, prompt_len + max_new_tokens), CACHE_LEN_MULTIPLE),
                     config.max_seq_len)
-    return MonolithicDecoder(config, params_spec, cache_len, prefill_len, sampling)
+    return MonolithicDecoder(config, params_spec, cache_len, prefill_len, sampling, kv_dtype=kv_dtype)
 
 
 class MonolithicSession:

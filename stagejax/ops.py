@@ -148,3 +148,41 @@ def online_softmax_finish(carry):
     """Attention output [T, N, H] float32 from a carry that saw at least one allowed key per row."""
     _, l, acc = carry
     return acc / l[..., None]
+
+
+# KV-cache storage dtypes. A lossy cache changes the numbers attention sees, so every path
+# (the cache itself, a step's own keys/values, the monolithic model) applies the same round
+# trip `kv_roundtrip`, and staged == monolithic still holds to float32 rounding.
+KV_DTYPES = ("float32", "bfloat16", "int8")
+INT8_MAX = 127.0
+
+
+def kv_quantize(x_SKH, dtype: str):
+    """Keys or values as stored: (values, scales). float32/bfloat16: a cast, scales None.
+    int8: symmetric, one float32 scale per row of H values (one token of one kv head):
+    scale = max|x| / 127, values = round(x / scale); |dequantized - x| <= scale / 2."""
+    x = x_SKH.astype(jnp.float32)
+    if dtype == "float32":
+        return x, None
+    if dtype == "bfloat16":
+        return x.astype(jnp.bfloat16), None
+    if dtype != "int8":
+        raise ValueError(f"unknown KV dtype {dtype!r}; choose one of {', '.join(KV_DTYPES)}")
+    scale = jnp.max(jnp.abs(x), axis=-1) / INT8_MAX
+    safe = jnp.where(scale > 0, scale, 1.0)  # an all-zero row stores zeros, not NaNs
+    values = jnp.clip(jnp.round(x / safe[..., None]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    return values, scale
+
+
+def kv_dequantize(values, scales, dtype: str):
+    """float32 keys or values from their stored form (`scales` [..., rows] for int8)."""
+    if dtype == "int8":
+        return values.astype(jnp.float32) * scales[..., None]
+    return values.astype(jnp.float32)
+
+
+def kv_roundtrip(x, dtype: str):
+    """What reading `x` back from a cache of `dtype` gives (identity for float32)."""
+    if dtype == "float32":
+        return x
+    return kv_dequantize(*kv_quantize(x, dtype), dtype).astype(x.dtype)

@@ -36,6 +36,7 @@ def init_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float
 
 class Block(nn.Module):
     config: ModelConfig
+    kv_dtype: str = "float32"  # the KV cache's storage dtype: keys/values pass its round trip
 
     def setup(self):
         c = self.config
@@ -63,6 +64,9 @@ class Block(nn.Module):
         if c.family == "llama":
             q_BTNH = ops.rope(q_BTNH, positions_BT, c.rope_theta)
             k_BTKH = ops.rope(k_BTKH, positions_BT, c.rope_theta)
+        # A lossy cache: attention sees what reading the cache back gives, for every token.
+        k_BTKH = ops.kv_roundtrip(k_BTKH, self.kv_dtype)
+        v_BTKH = ops.kv_roundtrip(v_BTKH, self.kv_dtype)
         if kv is None:
             keys, values, key_positions_BS = k_BTKH, v_BTKH, positions_BT
         else:
@@ -88,6 +92,7 @@ class Decoder(nn.Module):
     """Decoder-only language model. Returns logits [B, T, V] (float32) and the updated cache."""
 
     config: ModelConfig
+    kv_dtype: str = "float32"  # see Block
 
     def setup(self):
         c = self.config
@@ -95,7 +100,7 @@ class Decoder(nn.Module):
         if c.family == "gpt2":
             self.pos_embed = nn.Embed(c.max_seq_len, c.d_model,
                                       embedding_init=nn.initializers.normal(INIT_STDDEV))
-        self.layers = [Block(c, name=f"L{i}") for i in range(c.n_layers)]
+        self.layers = [Block(c, self.kv_dtype, name=f"L{i}") for i in range(c.n_layers)]
         self.final_norm = Norm(c.d_model, c.norm_eps, "layer" if c.family == "gpt2" else "rms")
         if not c.tie_embeddings:
             self.head = Einsum((c.d_model, c.vocab_size), "BTD,DV->BTV")
