@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stagejax import measure
-from stagejax.kv_cache import HostKVCache, KVLayout, aligned_empty
+from stagejax.kv_cache import HostKVCache, KVLayout, aligned_empty, stored_kv
 from stagejax.model_config import ModelConfig
 from stagejax.sampling import SamplingConfig, sample_token
 from stagejax.scheduler import (Group, GroupPlan, group_stages, kv_flush_points, plan_groups,
@@ -50,15 +50,6 @@ def _warm_up(function, *specs) -> None:
 
 def _leaf(key: str) -> str:
     return key.rsplit("/", 1)[1]
-
-
-def _kv_from_storage(block, order: str, first_group, n_groups: int):
-    """Keys and values [S, n_groups, H] from a block in storage order (see kv_cache)."""
-    if order == "head_major":  # [2, n, S, H]
-        return block[0].transpose(1, 0, 2), block[1].transpose(1, 0, 2)
-    k = jax.lax.dynamic_slice_in_dim(block[:, 0], first_group, n_groups, axis=1)  # [S, 2, K, H]
-    v = jax.lax.dynamic_slice_in_dim(block[:, 1], first_group, n_groups, axis=1)
-    return k, v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,22 +118,28 @@ class StagedDecoder:
       policy: "atomic" | "op" | "layer" (the "model" baseline runs `MonolithicDecoder`).
       capacity: KV rows to allocate (prompt + generated tokens).
       prefill_block: tokens per prefill/scoring pass.
+      kv_block: KV rows per attention call (schedule.kv_block; a multiple of the layout's
+        block_tokens; default: one stored block).
     """
 
     def __init__(self, config: ModelConfig, store, layout: ChunkLayout, policy: str,
                  kv_layout: KVLayout, capacity: int, prefill_block: int = 64,
                  prefetch_depth: int = 1, sampling: SamplingConfig = SamplingConfig(),
-                 groups: Sequence[Group] | None = None):
+                 groups: Sequence[Group] | None = None, kv_block: int | None = None):
         self.config, self.store, self.layout, self.policy = config, store, layout, policy
-        self.stages: list[Stage] = build_stages(config, layout)
+        # Stored keys: a quantized weight is several arrays (stagejax.quant), listed per stage.
+        self.stages: list[Stage] = build_stages(config, layout, store.manifest.arrays)
+        # Leaves of one embedding row as stored ("w", or e.g. "w_i4", "w_scale"): read per token.
+        self._embed_leaves = tuple(_leaf(k) for k in self.stages[0].weight_keys
+                                   if k.startswith("embed/0/"))
         self.groups: list[Group] = list(groups) if groups is not None else group_stages(
             self.stages, policy, config)
         if any(g.kind == "fused" and g.stages[0].kind == "embed" for g in self.groups):
             raise ValueError("the embed stage must be a group of its own")
         self.kv_layout = kv_layout
-        self.kv_block = kv_layout.block_tokens
+        self.kv_block = kv_block or kv_layout.block_tokens
         self.prefill_block = prefill_block
-        self.cache = HostKVCache(config, max(capacity, prefill_block), kv_layout)
+        self.cache = HostKVCache(config, max(capacity, prefill_block), kv_layout, self.kv_block)
         self.flush_points = kv_flush_points(self.groups, config)
         self.prefetch_depth = prefetch_depth
         self._units = [list(g.weight_keys) for g in self.groups if streams_weights(g)]
@@ -193,15 +190,22 @@ class StagedDecoder:
         written, read_only = group.state_entries(scoring)
         state_spec = self._state_spec(tokens, scoring)
         if group.kind == "embed":
-            weight_specs = (Host((tokens, self.config.d_model), jnp.float32),) * (
-                2 if self.config.family == "gpt2" else 1)
-            signature = ("embed", tokens, scoring, len(weight_specs))
-            leaves = (("rows", "pos_rows")[:len(weight_specs)],)
+            arrays = self.store.manifest.arrays
+            weight_specs = tuple(Host((tokens,) + tuple(arrays[f"embed/0/{leaf}"].shape[1:]),
+                                      np.dtype(arrays[f"embed/0/{leaf}"].dtype))
+                                 for leaf in self._embed_leaves)
+            names = self._embed_leaves
+            if self.config.family == "gpt2":
+                weight_specs += (Host((tokens, self.config.d_model), jnp.float32),)
+                names += ("pos_rows",)
+            signature = ("embed", tokens, scoring, names,
+                         tuple((w.shape, str(w.dtype)) for w in weight_specs))
+            leaves = (names,)
             kinds = ("embed",)
         elif group.kind == "attn_blocks":
             n_heads = len(group.stages)
             n_groups = kv_groups_of(self.config, n_heads)
-            block_spec = Host(self._block_shape(n_groups), jnp.float32)
+            block_spec = self._host_specs(n_groups, self.kv_block)
             return {finish: self._compile_attn(tokens, scoring, n_heads, n_groups, block_spec, finish)
                     for finish in (False, True)}
         else:
@@ -212,7 +216,7 @@ class StagedDecoder:
                          tuple((w.shape, str(w.dtype)) for w in weight_specs), len(group.kv_layers))
         if signature in self._executables:
             return self._executables[signature]
-        config, order = self.config, self.kv_layout.order
+        config, order, kv_dtype = self.config, self.kv_layout.order, self.kv_layout.dtype
         kv_slots = {layer: slot for slot, layer in enumerate(group.kv_layers)}
         stage_slots = [kv_slots.get(s.layer) for s in group.stages]
 
@@ -221,16 +225,16 @@ class StagedDecoder:
             position = 0
             for j, (kind, names) in enumerate(zip(kinds, leaves)):
                 if kind == "attn":
-                    past_k, past_v = _kv_from_storage(past[stage_slots[j]], order, 0,
-                                                      config.n_kv_heads)
-                    w = {"past_k": past_k, "past_v": past_v}
+                    past_k, past_v = stored_kv(past[stage_slots[j]], order, kv_dtype, 0,
+                                               config.n_kv_heads)
+                    w = {"past_k": past_k, "past_v": past_v, "kv_dtype": kv_dtype}
                 else:
                     w = dict(zip(names, weights[position:position + len(names)]))
                     position += len(names)
                 state = STAGE_FNS[kind](config, state, w, ctx, index[j])
             return {e: state[e] for e in written}
 
-        past_spec = tuple(Host(self.cache.layer_shape, jnp.float32) for _ in group.kv_layers)
+        past_spec = tuple(self._host_specs(None, self.cache.capacity) for _ in group.kv_layers)
         # keep_unused: a stage that only writes an entry (embed: x, norms: h) must still receive its
         # donated buffer, so the output reuses it instead of allocating.
         executable = jax.jit(run, donate_argnums=(0,), keep_unused=True)
@@ -240,25 +244,23 @@ class StagedDecoder:
         self._executables[signature] = executable
         return executable
 
-    def _block_shape(self, n_groups: int) -> tuple[int, ...]:
-        h, rows = self.config.head_dim, self.kv_block
-        if self.kv_layout.order == "head_major":
-            return (2, n_groups, rows, h)
-        return (rows, 2, self.config.n_kv_heads, h)
+    def _host_specs(self, n_groups: int | None, rows: int) -> tuple[Host, ...]:
+        """Specs of a KV read in storage form (see `HostKVCache.specs`)."""
+        return tuple(Host(s.shape, s.dtype) for s in self.cache.specs(n_groups, rows))
 
     def _compile_attn(self, tokens, scoring, n_heads, n_groups, block_spec, finish):
-        signature = ("attn", tokens, scoring, n_heads, block_spec.shape, finish)
+        signature = ("attn", tokens, scoring, n_heads, tuple(s.shape for s in block_spec), finish)
         if signature in self._executables:
             return self._executables[signature]
-        config, order = self.config, self.kv_layout.order
+        config, order, kv_dtype = self.config, self.kv_layout.order, self.kv_layout.dtype
         state_spec = self._state_spec(tokens, scoring)
 
         def run(attn, carry, const, block, ctx, first_head, block_start):
             state = {**const, "attn": attn}
             first_group = first_head // config.queries_per_kv_head
-            k, v = _kv_from_storage(block, order, first_group, n_groups)
+            k, v = stored_kv(block, order, kv_dtype, first_group, n_groups)
             state, carry = attention_block_step(config, state, carry, ctx, first_head, n_heads,
-                                                k, v, block_start, finish)
+                                                k, v, block_start, finish, kv_dtype)
             return state["attn"], carry
 
         carry_spec = jax.eval_shape(lambda: ops.online_softmax_init(tokens, n_heads, config.head_dim))
@@ -298,7 +300,7 @@ class StagedDecoder:
     def plan(self, tokens: int = 1) -> list[GroupPlan]:
         return plan_groups(self.groups, self.config, self.store.nbytes, tokens, self.prefetch_depth,
                            lambda n_groups: self.cache.block_bytes(n_groups, self.kv_block),
-                           2 * self.config.n_kv_heads * self.cache.capacity * self.config.head_dim * 4,
+                           self.cache.layer_bytes(),
                            getattr(self.prefetcher, "slab_bytes", 0))
 
     # ---- running ---------------------------------------------------------------------------
@@ -314,26 +316,33 @@ class StagedDecoder:
             self._states[key] = init_state(self.config, tokens, scoring)
         return self._states[key]
 
-    def _embed_buffer(self, tokens: int) -> np.ndarray:
+    def _embed_buffer(self, tokens: int) -> tuple[np.ndarray, ...]:
+        """One buffer per stored embedding leaf ([tokens, ...] of its dtype), + GPT-2 positions."""
         if tokens not in self._embed_rows:
-            count = 2 if self.config.family == "gpt2" else 1
-            self._embed_rows[tokens] = aligned_empty((count, tokens, self.config.d_model))
+            arrays = self.store.manifest.arrays
+            buffers = tuple(aligned_empty((tokens,) + tuple(arrays[f"embed/0/{leaf}"].shape[1:]),
+                                          arrays[f"embed/0/{leaf}"].dtype)
+                            for leaf in self._embed_leaves)
+            if self.config.family == "gpt2":
+                buffers += (aligned_empty((tokens, self.config.d_model)),)
+            self._embed_rows[tokens] = buffers
         return self._embed_rows[tokens]
 
     def _read_embed(self, token_ids: np.ndarray, start: int) -> tuple[np.ndarray, ...]:
-        rows = self._embed_buffer(len(token_ids))
+        buffers = self._embed_buffer(len(token_ids))
         bounds = self.layout.vocab_bounds
         for t, token in enumerate(token_ids):
             c = self.layout.vocab_chunk_of(int(token))
-            row = self.store.read_rows(f"embed/{c}/w", [int(token) - bounds[c]])
-            rows[0, t] = row[0]
-            self._release_rows(row)
+            for leaf, buffer in zip(self._embed_leaves, buffers):
+                row = self.store.read_rows(f"embed/{c}/{leaf}", [int(token) - bounds[c]])
+                buffer[t] = row[0]
+                self._release_rows(row)
         if self.config.family == "gpt2":
             positions = np.minimum(np.arange(start, start + len(token_ids)), self.config.max_seq_len - 1)
             pos_rows = self.store.read_rows("pos_embed/w", positions.tolist())
-            rows[1] = pos_rows
+            buffers[-1][:] = pos_rows
             self._release_rows(pos_rows)
-        return tuple(rows)
+        return buffers
 
     def _release_rows(self, rows: np.ndarray) -> None:
         release = getattr(self.store, "release", None)

@@ -63,11 +63,12 @@ class ScheduleRun:
         start = time.perf_counter()
         if self.policy == "model":
             self.params_spec = handle.abstract_params()
+            kv_dtype = settings.cache.dtype  # the resident cache is float32; a lossy dtype is emulated
             self.decoder = decoder_for(config, self.params_spec, prompt_len,
-                                       settings.decode.max_new_tokens + 1, sampling)
+                                       settings.decode.max_new_tokens + 1, sampling, kv_dtype)
             self.nll = None
             if settings.eval.ppl_chunks:
-                self.nll = jax.jit(lambda p, t: token_nll(config, p, t))
+                self.nll = jax.jit(lambda p, t: token_nll(config, p, t, kv_dtype))
                 jax.block_until_ready(self.nll(
                     jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), self.params_spec),
                     jnp.zeros((1, settings.eval.n_ctx), jnp.int32)))
@@ -77,9 +78,9 @@ class ScheduleRun:
             schedule, cache = settings.schedule, settings.cache
             self.staged = StagedDecoder(
                 config, store, self.layout, self.policy,
-                KVLayout(cache.kind, cache.order, schedule.kv_block, cache.dtype),
+                KVLayout(cache.kind, cache.order, cache.block_tokens or schedule.kv_block, cache.dtype),
                 capacity=capacity, prefill_block=schedule.prefill_block,
-                prefetch_depth=schedule.prefetch_depth, sampling=sampling)
+                prefetch_depth=schedule.prefetch_depth, sampling=sampling, kv_block=schedule.kv_block)
             self.n_groups = len(self.staged.groups)
             self.staged.dry_run()
         self.compile_s = time.perf_counter() - start

@@ -14,8 +14,10 @@ from stagejax.model_config import PRESETS
 
 # Options implemented so far; design §5/§6 name more, which later work adds here and in conf/.
 SCHEDULE_POLICIES = ("atomic", "op", "layer", "model")
-QUANT_SCHEMES = ("none",)
+# Weight storage schemes (stagejax.quant.SCHEMES; listed here so settings import no JAX).
+QUANT_SCHEMES = ("none", "int8", "int4_g32", "int4_g64", "int4_g32_asym", "gguf_native")
 CACHE_KINDS = ("ram", "disk")
+CACHE_DTYPES = ("float32", "bfloat16", "int8")
 CACHE_ORDERS = ("head_major", "token_major")
 EVAL_PROCEDURES = ("llama_cpp", "strided")
 TRACKING_MODES = ("offline", "online", "disabled")
@@ -67,6 +69,11 @@ class ScheduleSettings:
 
 @dataclasses.dataclass
 class QuantSettings:
+    """How weights are stored in the stage shards (stagejax.quant): float32 (`none`), re-quantized
+    (`int8` per output channel, `int4_g32`/`int4_g64` symmetric groups, `int4_g32_asym` with zero
+    points) or a GGUF file's own blocks (`gguf_native`). Whether a group size divides every
+    weight's input dimension depends on the model: checked when the model is converted."""
+
     scheme: str = "none"
 
     def __post_init__(self):
@@ -76,13 +83,16 @@ class QuantSettings:
 @dataclasses.dataclass
 class CacheSettings:
     kind: str = "ram"  # ram: host arrays; disk: a file per layer, read block by block
-    dtype: str = "float32"
+    dtype: str = "float32"  # float32 | bfloat16 | int8 (one scale per token and kv head)
     order: str = "head_major"
+    block_tokens: Optional[int] = None  # rows per stored block; None: schedule.kv_block
 
     def __post_init__(self):
         _check_choice("cache.kind", self.kind, CACHE_KINDS)
-        _check_choice("cache.dtype", self.dtype, ("float32",))
+        _check_choice("cache.dtype", self.dtype, CACHE_DTYPES)
         _check_choice("cache.order", self.order, CACHE_ORDERS)
+        if self.block_tokens is not None:
+            _check_positive("cache.block_tokens", self.block_tokens)
 
 
 @dataclasses.dataclass
@@ -158,3 +168,10 @@ class RunSettings:
     paths: PathSettings = dataclasses.field(default_factory=PathSettings)
     tracking: TrackingSettings = dataclasses.field(default_factory=TrackingSettings)
     seed: int = 0
+
+    def __post_init__(self):
+        # Combinations: checked here, before anything loads.
+        block = self.cache.block_tokens
+        if block is not None and self.schedule.kv_block % block:
+            raise ValueError(f"schedule.kv_block={self.schedule.kv_block} must be a multiple of "
+                             f"cache.block_tokens={block}: attention reads whole stored blocks")

@@ -28,7 +28,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from stagejax import ops
+from stagejax import ops, quant
 from stagejax.model_config import ModelConfig
 
 KINDS = ("embed", "attn_norm", "q", "k", "v", "attn", "o", "ffn_norm", "ffn", "final_norm", "head")
@@ -94,8 +94,28 @@ def chunk_bounds(total: int, chunk: int) -> tuple[int, ...]:
     return tuple(list(range(0, total, chunk)) + [total])
 
 
-def build_stages(config: ModelConfig, layout: ChunkLayout) -> list[Stage]:
-    """The atomic stages of one step, in execution order (design §3)."""
+def build_stages(config: ModelConfig, layout: ChunkLayout, stored=None) -> list[Stage]:
+    """The atomic stages of one step, in execution order (design §3).
+
+    `stored`: the checkpoint's array keys (e.g. `manifest.arrays`). A quantized weight is
+    stored as several arrays (`L0/q/3/w_i4` + `L0/q/3/w_scale`, see `stagejax.quant`); with
+    `stored`, each stage lists the arrays it reads. Without it, the float32 keys.
+    """
+    stages = _float_stages(config, layout)
+    if stored is None:
+        return stages
+    head_copy = config.tie_embeddings and quant.stored_tag("head/0/w", stored) is not None
+
+    def keys(stage: Stage) -> tuple[str, ...]:
+        float_keys = stage.weight_keys
+        if stage.kind == "head" and head_copy:  # a tied head's input-major copy
+            float_keys = (f"head/{stage.index}/w",)
+        return tuple(k for key in float_keys for k in quant.stored_keys(key, stored))
+
+    return [dataclasses.replace(s, weight_keys=keys(s)) for s in stages]
+
+
+def _float_stages(config: ModelConfig, layout: ChunkLayout) -> list[Stage]:
     gpt2 = config.family == "gpt2"
     bias = ("b",) if gpt2 else ()
     stages = [Stage("embed", "embed", weight_keys=tuple(
@@ -141,7 +161,7 @@ def _norm(config, x, weights):
 
 def _project_head(config, state, weights, ctx, index, target, rope: bool):
     """One head's (or kv group's) projection, written into state[target][:, :, index]."""
-    y = jnp.einsum("BTD,DH->BTH", state["h"], weights["w"])
+    y = jnp.einsum("BTD,DH->BTH", state["h"], quant.matrix(weights, "w"))
     if "b" in weights:
         y = y + weights["b"]
     y_BT1H = y[:, :, None, :]
@@ -152,8 +172,10 @@ def _project_head(config, state, weights, ctx, index, target, rope: bool):
 
 
 def embed_fn(config, state, weights, ctx, index):
-    """weights: "rows" [T, D] token-embedding rows (+ "pos_rows" [T, D] for GPT-2)."""
-    x = weights["rows"][None]
+    """weights: the token-embedding rows [T, ...] of this step's tokens under their stored leaf
+    names ("w" [T, D] float32, or e.g. "w_i4" + "w_scale", dequantized here) (+ "pos_rows"
+    [T, D] for GPT-2)."""
+    x = quant.embedding_rows(weights, "w")[None]
     if "pos_rows" in weights:
         x = x + weights["pos_rows"][None]
     return {**state, "x": x.astype(state["x"].dtype)}
@@ -201,12 +223,14 @@ def kv_groups_of(config: ModelConfig, n_heads: int) -> int:
 
 
 def attention_block_step(config, state, carry, ctx, first_head, n_heads: int, k_SKH, v_SKH,
-                         block_start, finish: bool):
+                         block_start, finish: bool, kv_dtype: str = "float32"):
     """Fold one block of past keys/values into the online-softmax carry of heads
     [first_head, first_head + n_heads); with `finish`, also fold this step's own keys, write
     the heads' outputs into state["attn"] and return a fresh carry.
 
     k_SKH, v_SKH: past rows [block_start, block_start + S) of the heads' kv groups.
+    kv_dtype: the cache's dtype; this step's own keys/values pass its round trip, so they are
+      what a later step reads back from the cache.
     """
     n_groups = k_SKH.shape[1]
     q_TnH = jax.lax.dynamic_slice_in_dim(state["q"][0], first_head, n_heads, axis=1)
@@ -217,6 +241,7 @@ def attention_block_step(config, state, carry, ctx, first_head, n_heads: int, k_
     first_group = first_head // config.queries_per_kv_head
     own_k = jax.lax.dynamic_slice_in_dim(state["k_new"][0], first_group, n_groups, axis=1)
     own_v = jax.lax.dynamic_slice_in_dim(state["v_new"][0], first_group, n_groups, axis=1)
+    own_k, own_v = ops.kv_roundtrip(own_k, kv_dtype), ops.kv_roundtrip(own_v, kv_dtype)
     carry = ops.online_softmax_update(carry, q_TnH, own_k, own_v, own_mask(ctx))
     out_1TnH = ops.online_softmax_finish(carry)[None].astype(state["attn"].dtype)
     attn = jax.lax.dynamic_update_slice(state["attn"], out_1TnH, (0, 0, first_head, 0))
@@ -225,19 +250,20 @@ def attention_block_step(config, state, carry, ctx, first_head, n_heads: int, k_
 
 
 def attn_fn(config, state, weights, ctx, index):
-    """One head over the whole past of its layer (weights: "past_k", "past_v" [S, K, H]),
-    for attention fused into a larger group."""
+    """One head over the whole past of its layer (weights: "past_k", "past_v" [S, K, H] and
+    the cache's "kv_dtype"), for attention fused into a larger group."""
     group = index // config.queries_per_kv_head
     past_k = jax.lax.dynamic_slice_in_dim(weights["past_k"], group, 1, axis=1)
     past_v = jax.lax.dynamic_slice_in_dim(weights["past_v"], group, 1, axis=1)
     t, h = state["q"].shape[1], state["q"].shape[3]
     state, _ = attention_block_step(config, state, ops.online_softmax_init(t, 1, h), ctx, index, 1,
-                                    past_k, past_v, 0, finish=True)
+                                    past_k, past_v, 0, True, weights.get("kv_dtype", "float32"))
     return state
 
 
 def o_fn(config, state, weights, ctx, index):
-    y = jnp.einsum("BTNH,NHD->BTD", state["attn"], weights["w"])
+    w_NHD = quant.matrix(weights, "w").reshape(config.n_heads, config.head_dim, config.d_model)
+    y = jnp.einsum("BTNH,NHD->BTD", state["attn"], w_NHD)
     if "b" in weights:
         y = y + weights["b"]
     return {**state, "x": state["x"] + y}
@@ -249,10 +275,11 @@ def ffn_norm_fn(config, state, weights, ctx, index):
 
 def ffn_fn(config, state, weights, ctx, index):
     """One FFN chunk, added to the residual: the chunks' contributions sum to the full FFN."""
+    up, down = quant.matrix(weights, "up"), quant.matrix(weights, "down")
     if config.family == "llama":
-        y = ops.swiglu(state["h"], weights["gate"], weights["up"], weights["down"])
+        y = ops.swiglu(state["h"], quant.matrix(weights, "gate"), up, down)
     else:
-        y = ops.gelu_mlp(state["h"], weights["up"], weights["up_b"], weights["down"])
+        y = ops.gelu_mlp(state["h"], up, weights["up_b"], down)
         if "down_b" in weights:
             y = y + weights["down_b"]
     return {**state, "x": state["x"] + y}
@@ -262,10 +289,10 @@ def final_norm_fn(config, state, weights, ctx, index):
     return {**state, "h": _norm(config, state["x"], weights)}
 
 
-def _head_logits(config, h_TD, w):
-    if config.tie_embeddings:  # embedding rows [rows, D]
-        return jnp.einsum("TD,VD->TV", h_TD, w)
-    return jnp.einsum("TD,DV->TV", h_TD, w)
+def _head_logits(config, h_TD, weights):
+    if config.tie_embeddings and "w" in weights:  # float32 embedding rows [rows, D]
+        return jnp.einsum("TD,VD->TV", h_TD, weights["w"])
+    return jnp.einsum("TD,DV->TV", h_TD, quant.matrix(weights, "w"))  # [D, rows] (dequantized)
 
 
 def head_fn(config, state, weights, ctx, index):
@@ -277,9 +304,9 @@ def head_fn(config, state, weights, ctx, index):
     """
     if "logits" in state:
         h_1D = jax.lax.dynamic_slice_in_dim(state["h"][0], ctx["last"], 1, axis=0)
-        logits = _head_logits(config, h_1D, weights["w"])[0].astype(jnp.float32)
+        logits = _head_logits(config, h_1D, weights)[0].astype(jnp.float32)
         return {**state, "logits": jax.lax.dynamic_update_slice(state["logits"], logits, (index,))}
-    logits_TV = _head_logits(config, state["h"][0], weights["w"]).astype(jnp.float32)
+    logits_TV = _head_logits(config, state["h"][0], weights).astype(jnp.float32)
     chunk_max = jnp.max(logits_TV, axis=-1)
     m_new = jnp.maximum(state["nll_m"], chunk_max)
     s_new = (state["nll_s"] * jnp.exp(state["nll_m"] - m_new)

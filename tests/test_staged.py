@@ -24,8 +24,16 @@ from stagejax.store import WeightStore, assemble_params, convert_checkpoint
 TINY_ATOL = 1e-5
 SMOLLM2_ATOL = 5e-4
 POLICIES = ("atomic", "op", "layer")
+# Attention reads KV_BLOCK rows per call: one stored block of 8, or two blocks of 4.
+KV_BLOCK = 8
 LAYOUTS = (KVLayout("ram", "head_major", 8), KVLayout("disk", "head_major", 8),
-           KVLayout("disk", "token_major", 8))
+           KVLayout("disk", "token_major", 8), KVLayout("disk", "head_major", 4),
+           KVLayout("ram", "token_major", 4, "bfloat16"), KVLayout("disk", "head_major", 4, "int8"),
+           KVLayout("disk", "token_major", 8, "int8"))
+
+
+def layout_id(layout: KVLayout) -> str:
+    return f"{layout.location}-{layout.order}-b{layout.block_tokens}-{layout.dtype}"
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny_gpt2"])
@@ -47,15 +55,18 @@ def model(request, tmp_path_factory):
 
 def staged(model, policy, layout=LAYOUTS[1], capacity=96, prefill_block=16):
     config, store, chunks, _ = model
-    return StagedDecoder(config, store, chunks, policy, layout, capacity, prefill_block, 2)
+    return StagedDecoder(config, store, chunks, policy, layout, capacity, prefill_block, 2,
+                         kv_block=KV_BLOCK)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("kv_layout", LAYOUTS, ids=lambda l: f"{l.location}-{l.order}")
+@pytest.mark.parametrize("kv_layout", LAYOUTS, ids=layout_id)
 def test_staged_logits_equal_monolithic(model, policy, kv_layout):
+    """Every layout and dtype: a lossy cache's round trip is part of the reference."""
     config, _, _, params = model
     tokens = [int(t) for t in np.random.default_rng(1).integers(0, config.vocab_size, 40)]
-    full = np.asarray(jax.jit(forward_logits, static_argnums=0)(config, params, jnp.asarray([tokens])))[0]
+    full = np.asarray(jax.jit(forward_logits, static_argnums=(0, 3))(
+        config, params, jnp.asarray([tokens]), kv_layout.dtype))[0]
     decoder = staged(model, policy, kv_layout)
     try:
         # prefill in passes of 16 (21 tokens: a full pass and a padded one), then steps
