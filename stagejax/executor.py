@@ -62,18 +62,6 @@ class _GroupFacts:
     flush_layers: tuple[int, ...]
 
 
-@dataclasses.dataclass
-class GroupRecord:
-    """One group's measurements in an instrumented pass (not a timed one)."""
-
-    group_id: str
-    elapsed_s: float
-    rss_bytes: int  # RSS after the group (and after its buffers were released)
-    peak_rss_bytes: int  # high-water RSS while the group ran (mark reset before it)
-    live_jax_bytes: int
-    planned_peak_bytes: int
-
-
 class _ZeroWeights:
     """Stands in for the WeightStore during `StagedDecoder.dry_run`: zeros of every shape."""
 
@@ -155,7 +143,9 @@ class StagedDecoder:
         self._embed_rows: dict[int, np.ndarray] = {}
         self.kv_wait_s = 0.0
         self._carries: dict[tuple[int, int], tuple] = {}  # online-softmax carries, reused
-        self.observer: Callable[[int, Group, float], None] | None = None
+        # Instrumented passes: called after each group with (index, group, start, end, wait)
+        # — perf_counter seconds, and the seconds it waited for weights or KV blocks.
+        self.observer: Callable[[int, Group, float, float, float], None] | None = None
         start = time.perf_counter()
         self._executables: dict[tuple, Callable] = {}
         self._group_exe: dict[tuple[int, int, bool], Callable] = {}
@@ -373,7 +363,8 @@ class StagedDecoder:
                          nll_target=jnp.zeros((tokens,)))
         observer = self.observer
         for gi, facts in enumerate(self._facts):
-            t0 = time.perf_counter() if observer else 0.0
+            if observer:
+                t0, wait0 = time.perf_counter(), self.store.io_wait_s + self.kv_wait_s
             exe = self._group_exe[(gi, tokens, scoring)]
             written, read_only = facts.scoring_entries if scoring else facts.entries
             if facts.kind == "embed":
@@ -403,7 +394,8 @@ class StagedDecoder:
                 self.cache.write(layer, start, np.asarray(state["k_new"])[0],
                                  np.asarray(state["v_new"])[0])
             if observer:
-                observer(gi, self.groups[gi], time.perf_counter() - t0)
+                observer(gi, self.groups[gi], t0, time.perf_counter(),
+                         self.store.io_wait_s + self.kv_wait_s - wait0)
         return state
 
     def _run_attention(self, gi, group, exes, state, ctx, start, tokens):

@@ -34,10 +34,16 @@ from stagejax.loading import open_model, release_freed_memory, use_one_malloc_ar
 from stagejax.perplexity import perplexity_llama_cpp, perplexity_strided
 from stagejax.results import atomic_write_json
 from stagejax.sampling import SamplingConfig
-from stagejax.scheduler import GroupPlan
+from stagejax.scheduler import GroupPlan, streams_weights
 from stagejax.settings import RunSettings
 from stagejax.stages import ChunkLayout, build_stages
 from stagejax.store import WeightStore, assemble_params, convert_checkpoint
+
+
+def cache_option(settings: RunSettings) -> str:
+    """The cache as design §6 names its options: ram, disk, disk_bf16, disk_int8."""
+    short = {"float32": "", "bfloat16": "_bf16", "int8": "_int8"}[settings.cache.dtype]
+    return settings.cache.kind + short
 
 
 def prompt_ids(tokenizer, settings: RunSettings) -> list[int]:
@@ -134,33 +140,54 @@ class ScheduleRun:
                 self.store.io_wait_s + self.staged.kv_wait_s)
 
 
-def record_timeline(run: ScheduleRun, position: int, token: int) -> list[dict]:
-    """One untimed, instrumented decode step: per group the RSS after it, the high-water RSS
-    while it ran (mark reset before each group), live JAX bytes and the planned peak."""
+def record_timeline(run: ScheduleRun, position: int, token: int) -> dict:
+    """One untimed, instrumented decode step.
+
+    Returns {"groups": per group the RSS after it, the high-water RSS while it ran (mark reset
+    before each group), live JAX bytes, the planned peak, and its start/end/io-wait seconds
+    relative to the step's start; "loads": the prefetcher's reads during the step (unit's
+    group, start, end, bytes)}.
+    """
     if run.staged is None:
         measure.reset_peak_rss()
+        start = time.perf_counter()
         run.session().step(token, position)
-        return [{"group": "model", "rss_bytes": measure.rss_bytes(),
-                 "peak_rss_bytes": measure.peak_rss_bytes(),
-                 "live_jax_bytes": measure.live_jax_bytes(),
-                 "planned_peak_bytes": run.plan()[0].peak_bytes}]
+        end = time.perf_counter() - start
+        return {"groups": [{"group": "model", "start_s": 0.0, "end_s": end, "elapsed_s": end,
+                            "io_wait_s": 0.0, "rss_bytes": measure.rss_bytes(),
+                            "peak_rss_bytes": measure.peak_rss_bytes(),
+                            "live_jax_bytes": measure.live_jax_bytes(),
+                            "planned_peak_bytes": run.plan()[0].peak_bytes}], "loads": []}
     plan = run.plan()
+    staged = run.staged
     records: list[dict] = []
+    origin = 0.0  # set just before the step
 
-    def observe(gi, group, elapsed_s):
-        records.append({"group": group.id, "elapsed_s": elapsed_s, "rss_bytes": measure.rss_bytes(),
-                        "peak_rss_bytes": measure.peak_rss_bytes(),
+    def observe(gi, group, start, end, wait):
+        records.append({"group": group.id, "start_s": start - origin, "end_s": end - origin,
+                        "elapsed_s": end - start, "io_wait_s": wait,
+                        "rss_bytes": measure.rss_bytes(), "peak_rss_bytes": measure.peak_rss_bytes(),
                         "live_jax_bytes": measure.live_jax_bytes(),
                         "planned_peak_bytes": plan[gi].peak_bytes})
         measure.reset_peak_rss()
 
+    loads = hasattr(staged.prefetcher, "load_log")
+    log: list = []
+    if loads:
+        staged.prefetcher.load_log = log
     measure.reset_peak_rss()
-    run.staged.observer = observe
+    staged.observer = observe
+    origin = time.perf_counter()
     try:
-        run.staged.step(token, position)
+        staged.step(token, position)
     finally:
-        run.staged.observer = None
-    return records
+        staged.observer = None
+        if loads:
+            staged.prefetcher.load_log = None
+    streamed = [g for g in staged.groups if streams_weights(g)]
+    return {"groups": records,
+            "loads": [{"group": streamed[unit].id, "start_s": start - origin, "end_s": end - origin,
+                       "bytes": nbytes} for unit, start, end, nbytes in log]}
 
 
 def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = True) -> dict:
@@ -224,7 +251,9 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
         "model": settings.model.name,
         "schedule": settings.schedule.policy,
         "quant": settings.quant.scheme,
-        "cache": settings.cache.kind,
+        "cache": cache_option(settings),
+        "cache_dtype": settings.cache.dtype,
+        "cache_order": settings.cache.order,
         "baseline_rss_bytes": baseline_rss,
         "peak_rss_decode_bytes": peak_decode - baseline_rss,
         "planned_peak_bytes": max(row.peak_bytes for row in plan),
@@ -240,7 +269,7 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
         "prompt_tokens": len(ids),
         "generated_tokens": len(generation.new_ids),
         "generated_text": generation.text,
-        "timeline_peak_rss_above_baseline_bytes": max(r["peak_rss_bytes"] for r in timeline) - baseline_rss,
+        "timeline_peak_rss_above_baseline_bytes": max(r["peak_rss_bytes"] for r in timeline["groups"]) - baseline_rss,
         "checkpoint": str(checkpoint),
         "weight_bytes": store.manifest.nbytes,
     }

@@ -394,6 +394,9 @@ class Prefetcher:
         self.max_in_flight_bytes_seen = 0
         self._index = 0  # the unit next() returns next
         self._closed = False
+        # Set to a list to record (unit index, start, end, bytes) of every read (perf_counter
+        # seconds): an instrumented pass's trace. None on timed runs: no cost.
+        self.load_log: list | None = None
         self._thread = None
         # Memory: depth + 1 slabs, each as large as the largest unit (arrays 64-byte aligned
         # inside it): the unit being computed with plus `depth` read ahead. Exactly what the
@@ -454,7 +457,14 @@ class Prefetcher:
                 slab = free_slabs.get()
                 if self._closed:
                     return
-                ready.put((read_unit(units[i], offsets[i], slab), slab))
+                log = self.load_log
+                if log is None:
+                    ready.put((read_unit(units[i], offsets[i], slab), slab))
+                else:
+                    start = time.perf_counter()
+                    arrays = read_unit(units[i], offsets[i], slab)
+                    log.append((i, start, time.perf_counter(), sizes[i]))
+                    ready.put((arrays, slab))
                 i = i + 1 if i + 1 < n else 0
         except BaseException as error:  # handed to the consumer by next()
             ready.put(_Failure(error))
