@@ -29,7 +29,9 @@ from stagejax import data, measure
 from stagejax.decode import (MonolithicSession, decoder_for, run_generation, sampling_keys,
                              token_nll)
 from stagejax.executor import StagedDecoder
-from stagejax.kv_cache import KVLayout
+from stagejax.devices import device_from_settings
+from stagejax.kv_cache import KVLayout, cache_capacity, read_bytes as kv_read_bytes, stored_row_bytes
+from stagejax.planner import PlanContext, make_plan
 from stagejax.loading import open_model, release_freed_memory, use_one_malloc_arena
 from stagejax.perplexity import perplexity_llama_cpp, perplexity_strided
 from stagejax.results import atomic_write_json
@@ -38,6 +40,24 @@ from stagejax.scheduler import GroupPlan, streams_weights
 from stagejax.settings import RunSettings
 from stagejax.stages import ChunkLayout, build_stages
 from stagejax.store import WeightStore, assemble_params, convert_checkpoint
+from stagejax.store.weight_store import ALIGN_BYTES
+
+
+def plan_context(settings: RunSettings, config, layout: ChunkLayout, store: WeightStore,
+                 kv_layout: KVLayout, capacity: int, device) -> PlanContext:
+    """What the planner needs to know about this run's store, cache and machine."""
+    schedule = settings.schedule
+    arrays = store.manifest.arrays
+    kv_block = schedule.kv_block
+    rows = cache_capacity(max(capacity, schedule.prefill_block), kv_block)
+    return PlanContext(
+        config=config, layout=layout, stored_bytes=store.nbytes,
+        slab_bytes_of=lambda keys: sum(-(-arrays[k].nbytes // ALIGN_BYTES) * ALIGN_BYTES for k in keys),
+        kv_block_bytes=lambda n_groups: kv_read_bytes(config, kv_layout, n_groups, kv_block),
+        kv_layer_bytes=rows * stored_row_bytes(config, kv_layout, config.n_kv_heads),
+        prefetch_depth=schedule.prefetch_depth, device=device, kv_len=capacity, kv_block=kv_block,
+        kv_bits=stored_row_bytes(config, kv_layout, 1) * 8 / (2 * config.head_dim),
+        kv_on_disk=kv_layout.location == "disk")
 
 
 def cache_option(settings: RunSettings) -> str:
@@ -82,11 +102,20 @@ class ScheduleRun:
             self.staged = None
         else:
             schedule, cache = settings.schedule, settings.cache
+            kv_layout = KVLayout(cache.kind, cache.order, cache.block_tokens or schedule.kv_block,
+                                 cache.dtype)
+            # Planned (and validated against schedule.budget_mb) before anything compiles.
+            self.planner_context = plan_context(settings, config, self.layout, store, kv_layout,
+                                                capacity, device_from_settings(settings.device,
+                                                                               settings.paths.cache))
+            budget = None if schedule.budget_mb is None else int(schedule.budget_mb * 2**20)
+            self.planned = make_plan(build_stages(config, self.layout), self.policy,
+                                     self.planner_context, budget)
             self.staged = StagedDecoder(
-                config, store, self.layout, self.policy,
-                KVLayout(cache.kind, cache.order, cache.block_tokens or schedule.kv_block, cache.dtype),
+                config, store, self.layout, self.policy, kv_layout,
                 capacity=capacity, prefill_block=schedule.prefill_block,
-                prefetch_depth=schedule.prefetch_depth, sampling=sampling, kv_block=schedule.kv_block)
+                prefetch_depth=schedule.prefetch_depth, sampling=sampling,
+                groups=self.planned.groups, kv_block=schedule.kv_block)
             self.n_groups = len(self.staged.groups)
             self.staged.dry_run()
         self.compile_s = time.perf_counter() - start
@@ -274,6 +303,14 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
         "weight_bytes": store.manifest.nbytes,
     }
 
+    if run.staged is not None:
+        planned = run.planned
+        metrics.update(predicted_step_s=planned.predicted_step_s,
+                       predicted_pipeline_step_s=planned.pipeline_step_s,
+                       measured_step_s=1 / generation.decode_tokens_per_s
+                       if generation.decode_tokens_per_s else float("nan"),
+                       device=run.planner_context.device.name)
+
     if settings.eval.ppl_chunks:
         text = data.read_text(settings.eval.dataset, settings.paths.data)
         tokens = handle.tokenizer.encode(text)
@@ -292,12 +329,29 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
     if run.staged is not None:
         run.staged.close()
     store.close()
-    atomic_write_json(out_dir / "plan.json", [dataclasses.asdict(row) | {"peak_bytes": row.peak_bytes}
-                                              for row in plan])
+    atomic_write_json(out_dir / "plan.json", plan_records(run, plan, timeline))
     atomic_write_json(out_dir / "timeline.json", timeline)
     atomic_write_json(out_dir / "resolved_settings.json", dataclasses.asdict(settings))
     atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def plan_records(run: ScheduleRun, plan: list[GroupPlan], timeline: dict) -> list[dict]:
+    """plan.json: per group the budget accounting, and for staged runs the roofline's FLOPs and
+    predicted seconds beside the instrumented step's measured seconds (`measured_s`; that step
+    samples RSS between groups, so its prefetch runs further ahead than in the timed steps)."""
+    rows = [dataclasses.asdict(row) | {"peak_bytes": row.peak_bytes} for row in plan]
+    if run.staged is None:
+        return rows
+    measured = {r["group"]: r["elapsed_s"] for r in timeline["groups"]}
+    for row, planned in zip(rows, run.planned.rows):
+        if planned.group_id != row["group_id"] or planned.peak_bytes != row["peak_bytes"]:
+            raise AssertionError(f"planner and executor disagree on group {row['group_id']}: "
+                                 f"{planned.peak_bytes} vs {row['peak_bytes']} bytes")
+        row.update(stage_ids=list(planned.stage_ids), flops=planned.flops,
+                   predicted_s=planned.predicted_s, predicted_compute_s=planned.compute_s,
+                   predicted_load_s=planned.load_s, measured_s=measured.get(row["group_id"]))
+    return rows
 
 
 def format_summary(metrics: dict) -> str:

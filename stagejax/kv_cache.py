@@ -86,6 +86,23 @@ def stored_kv(block: tuple, order: str, dtype: str, first_group, n_groups: int):
     return kv[0], kv[1]
 
 
+def stored_row_bytes(config: ModelConfig, layout: KVLayout, n_groups: int) -> int:
+    """Stored bytes (keys, values and their scales) of one row of `n_groups` kv groups."""
+    itemsize = _NUMPY_DTYPES[layout.dtype].itemsize
+    return n_groups * (2 * config.head_dim * itemsize + (8 if layout.quantized else 0))
+
+
+def read_bytes(config: ModelConfig, layout: KVLayout, n_groups: int, rows: int) -> int:
+    """Bytes of one read of `rows` rows for `n_groups` groups (token_major reads all groups)."""
+    groups = n_groups if layout.order == "head_major" else config.n_kv_heads
+    return rows * stored_row_bytes(config, layout, groups)
+
+
+def cache_capacity(capacity: int, read_tokens: int) -> int:
+    """Rows a cache allocates for `capacity`: whole reads of `read_tokens`."""
+    return -(-capacity // read_tokens) * read_tokens
+
+
 def _bytes_of(array: np.ndarray) -> memoryview:
     """Raw bytes (bfloat16 arrays do not export a buffer format of their own)."""
     return np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
@@ -108,7 +125,7 @@ class HostKVCache:
             raise ValueError(f"schedule.kv_block={read_tokens} must be a multiple of "
                              f"cache.block_tokens={block}: attention reads whole stored blocks")
         self.read_tokens = read_tokens
-        self.capacity = -(-capacity // read_tokens) * read_tokens  # every read fits
+        self.capacity = cache_capacity(capacity, read_tokens)  # every read fits
         self.n_blocks = self.capacity // block
         k, h = config.n_kv_heads, config.head_dim
         self.block_shape = (k, 2, block, h) if layout.order == "head_major" else (block, 2, k, h)
@@ -147,14 +164,10 @@ class HostKVCache:
     # ---- sizes -----------------------------------------------------------------------------
 
     def row_bytes(self, n_groups: int) -> int:
-        """Stored bytes (keys, values and their scales) of one row of `n_groups` groups."""
-        per_group = 2 * self.config.head_dim * self.itemsize + (8 if self.layout.quantized else 0)
-        return n_groups * per_group
+        return stored_row_bytes(self.config, self.layout, n_groups)
 
     def block_bytes(self, n_groups: int, rows: int) -> int:
-        """Bytes of one read of `rows` rows for `n_groups` groups (token_major reads all groups)."""
-        groups = n_groups if self.layout.order == "head_major" else self.config.n_kv_heads
-        return rows * self.row_bytes(groups)
+        return read_bytes(self.config, self.layout, n_groups, rows)
 
     def layer_bytes(self) -> int:
         return self.capacity * self.row_bytes(self.config.n_kv_heads)

@@ -8,12 +8,14 @@ checked in `__post_init__`, so a bad override fails before anything is loaded.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Dict, Optional
 
 from stagejax.model_config import PRESETS
 
 # Options implemented so far; design §5/§6 name more, which later work adds here and in conf/.
-SCHEDULE_POLICIES = ("atomic", "op", "layer", "model")
+SCHEDULE_POLICIES = ("atomic", "op", "layer", "model", "budget", "similar_size", "optimal")
+BUDGET_POLICIES = ("budget", "similar_size", "optimal")
+ACTIVATION_LOCATIONS = ("ram", "disk")
 # Weight storage schemes (stagejax.quant.SCHEMES; listed here so settings import no JAX).
 QUANT_SCHEMES = ("none", "int8", "int4_g32", "int4_g64", "int4_g32_asym", "gguf_native")
 CACHE_KINDS = ("ram", "disk")
@@ -64,7 +66,13 @@ class ScheduleSettings:
             _check_positive("schedule.budget_mb", self.budget_mb)
         if self.prefetch_depth < 0:
             raise ValueError(f"schedule.prefetch_depth must be >= 0, got {self.prefetch_depth}")
-        _check_choice("schedule.activations", self.activations, ("ram",))
+        _check_choice("schedule.activations", self.activations, ACTIVATION_LOCATIONS)
+        if self.policy in BUDGET_POLICIES and self.budget_mb is None:
+            raise ValueError(f"schedule.policy={self.policy} needs schedule.budget_mb (the RAM "
+                             f"budget in MB, e.g. schedule.budget_mb=8)")
+        if self.policy == "model" and self.activations == "disk":
+            raise ValueError("schedule.activations=disk needs a staged policy: `model` keeps "
+                             "everything resident in one jit")
 
 
 @dataclasses.dataclass
@@ -93,6 +101,32 @@ class CacheSettings:
         _check_choice("cache.order", self.order, CACHE_ORDERS)
         if self.block_tokens is not None:
             _check_positive("cache.block_tokens", self.block_tokens)
+
+
+@dataclasses.dataclass
+class DeviceSettings:
+    """A device profile (conf/device/): measured on this machine (`calibrated: true`, cached)
+    or published figures. Used to predict per-group and per-step time (stagejax.roofline)."""
+
+    name: str = "this_machine"
+    calibrated: bool = True
+    source: Optional[str] = None
+    flops_per_s: Optional[Dict[str, float]] = None
+    mem_read_bytes_per_s: Optional[float] = None
+    storage_read_bytes_per_s: Optional[float] = None
+    storage_warm_bytes_per_s: Optional[float] = None
+    call_overhead_s: Optional[float] = None
+    ram_bytes: Optional[float] = None
+    matvec_bytes_per_s: Optional[float] = None
+    notes: Optional[Dict[str, str]] = None
+
+    def __post_init__(self):
+        if not self.calibrated:
+            missing = [f for f in ("flops_per_s", "mem_read_bytes_per_s", "storage_read_bytes_per_s",
+                                   "storage_warm_bytes_per_s", "call_overhead_s", "ram_bytes")
+                       if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f"device {self.name!r} is not calibrated and lacks: {', '.join(missing)}")
 
 
 @dataclasses.dataclass
@@ -163,6 +197,7 @@ class RunSettings:
     quant: QuantSettings = dataclasses.field(default_factory=QuantSettings)
     cache: CacheSettings = dataclasses.field(default_factory=CacheSettings)
     store: StoreSettings = dataclasses.field(default_factory=StoreSettings)
+    device: DeviceSettings = dataclasses.field(default_factory=DeviceSettings)
     eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)
     decode: DecodeSettings = dataclasses.field(default_factory=DecodeSettings)
     paths: PathSettings = dataclasses.field(default_factory=PathSettings)

@@ -1,0 +1,433 @@
+"""Plans: grouping stages under a RAM budget, with predicted time and peak per group (design §5).
+
+A `Plan` is the ordered groups with, per group, its stage ids, the memory it holds (weights,
+activations, KV, prefetch slabs — the budget accounting of `stagejax.scheduler.plan_groups`),
+its FLOPs and its predicted time (`stagejax.roofline`). It is validated before any compute: an
+infeasible budget raises `InfeasibleBudget`, naming the stage that cannot fit and the smallest
+budget that would work (and what finer chunks would need).
+
+Policies under `schedule.budget_mb` (the fixed ones — atomic, op, layer, model — come from
+`stagejax.scheduler.group_stages` and are only checked against a budget if one is set):
+  budget       — greedy: extend the current group with the next stage while it fits;
+  similar_size — cut each layer into the fewest groups that fit, of near-equal weight bytes
+                 (the staged-generation article's grouping of stages of similar data volume);
+  optimal      — exact dynamic programming over contiguous groupings: the least predicted
+                 step time under the budget (`optimal_partition`).
+
+Groups never span a segment boundary (embed | each layer | final norm + LM head): layers have
+the same stages, so each layer gets the same grouping and its groups share executables
+(compile time does not grow with depth).
+
+Memory of a candidate group. The prefetcher reads every unit into one of depth + 1 slabs as
+large as the largest unit, so a plan's slab size S couples its groups: a streamed group holds
+S + activations + KV + depth x S. The packing policies therefore fix a slab cap S first (the
+largest the budget allows for the stage with the most activation+KV bytes; `optimal` also
+tries smaller caps, which leave room for groups that read a whole layer's KV), then keep
+every group's weights under S.
+
+Time of a candidate group (the separable objective the DP minimises): with prefetch depth >= 1
+the loader reads ahead while groups compute, so a group costs max(compute, load); with depth
+0 it costs compute + load. `Plan.predicted_step_s` is this sum; `Plan.pipeline_step_s` is the
+roofline's event simulation of the prefetch pipeline (`roofline.predict_step`), for comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Sequence
+
+from stagejax import roofline
+from stagejax.model_config import ModelConfig
+from stagejax.scheduler import (FIXED_POLICIES, Group, GroupPlan, activation_bytes, group_stages,
+                                kv_read_bytes, plan_groups, streams_weights)
+from stagejax.stages import ChunkLayout, Stage
+
+BUDGET_POLICIES = ("budget", "similar_size", "optimal")
+POLICIES = FIXED_POLICIES + BUDGET_POLICIES
+MB = 2 ** 20
+
+
+class InfeasibleBudget(ValueError):
+    """No grouping fits `schedule.budget_mb`; the message says what would."""
+
+
+@dataclasses.dataclass
+class PlanRow:
+    """One group of a plan: memory (bytes), work and predicted time."""
+
+    group_id: str
+    kind: str
+    stage_ids: tuple[str, ...]
+    weight_bytes: int
+    activation_bytes: int
+    kv_bytes: int
+    prefetch_bytes: int
+    buffer_bytes: int
+    peak_bytes: int
+    flops: float
+    predicted_s: float  # the group's share of the step (separable objective)
+    compute_s: float
+    load_s: float
+
+
+@dataclasses.dataclass
+class Plan:
+    policy: str
+    budget_bytes: int | None
+    groups: list[Group]
+    rows: list[PlanRow]
+    slab_bytes: int
+    predicted_step_s: float
+    pipeline_step_s: float
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(r.peak_bytes for r in self.rows)
+
+    def to_json(self) -> dict:
+        return {"policy": self.policy, "budget_bytes": self.budget_bytes,
+                "slab_bytes": self.slab_bytes, "peak_bytes": self.peak_bytes,
+                "predicted_step_s": self.predicted_step_s,
+                "pipeline_step_s": self.pipeline_step_s,
+                "groups": [dataclasses.asdict(r) for r in self.rows]}
+
+    def table(self, max_rows: int | None = 40) -> str:
+        """The plan as a fixed-width table (long plans: first and last rows)."""
+        head = (f"{'group':<28} {'stages':>6} {'weights MB':>10} {'act KB':>8} {'KV KB':>8} "
+                f"{'ahead MB':>8} {'peak MB':>8} {'MFLOP':>8} {'pred ms':>8}")
+        lines = [f"plan: {self.policy}, {len(self.rows)} groups, peak {self.peak_bytes / MB:.2f} MB"
+                 + (f" (budget {self.budget_bytes / MB:.2f} MB)" if self.budget_bytes else "")
+                 + f", predicted step {self.predicted_step_s * 1e3:.1f} ms"
+                 f" (pipeline model {self.pipeline_step_s * 1e3:.1f} ms)", head, "-" * len(head)]
+        rows = self.rows
+        shown = rows if max_rows is None or len(rows) <= max_rows else (
+            rows[:max_rows // 2] + [None] + rows[-max_rows // 2:])
+        for r in shown:
+            if r is None:
+                lines.append(f"{'...':<28}")
+                continue
+            lines.append(f"{r.group_id[:28]:<28} {len(r.stage_ids):>6} {r.weight_bytes / MB:>10.3f} "
+                         f"{r.activation_bytes / 1024:>8.1f} {r.kv_bytes / 1024:>8.1f} "
+                         f"{r.prefetch_bytes / MB:>8.2f} {r.peak_bytes / MB:>8.2f} "
+                         f"{r.flops / 1e6:>8.2f} {r.predicted_s * 1e3:>8.3f}")
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class PlanContext:
+    """What planning needs to know about a run.
+
+    `stored_bytes(keys)`: stored bytes of weight arrays (the manifest's; quantization-aware);
+    `slab_bytes_of(keys)`: the bytes a unit of these keys occupies in a prefetch slab (arrays
+    64-byte aligned); `kv_block_bytes(n_groups)` and `kv_layer_bytes`: the KV cache's read sizes.
+    """
+
+    config: ModelConfig
+    layout: ChunkLayout
+    stored_bytes: Callable[[Sequence[str]], int]
+    slab_bytes_of: Callable[[Sequence[str]], int]
+    kv_block_bytes: Callable[[int], int]
+    kv_layer_bytes: int
+    prefetch_depth: int
+    device: roofline.Device
+    kv_len: int  # past tokens a decode step attends (the context the plan is made for)
+    kv_block: int
+    kv_bits: float = 32
+    kv_on_disk: bool = True
+    warm: bool = True
+    tokens: int = 1
+
+    def __post_init__(self):
+        self._time_cache: dict[tuple, tuple[float, float, float]] = {}
+
+    # ---- per group --------------------------------------------------------------------------
+
+    def fixed_bytes(self, group: Group) -> int:
+        """Activation + KV bytes a group holds (everything but weights and slabs)."""
+        return (activation_bytes(group, self.config, self.tokens)
+                + kv_read_bytes(group, self.config, self.kv_block_bytes, self.kv_layer_bytes))
+
+    def peak(self, group: Group, slab: int) -> int:
+        """The group's budget accounting with slabs of `slab` bytes (as `plan_groups`)."""
+        if group.kind == "embed":
+            own = self.tokens * self.config.d_model * 4 * (2 if self.config.family == "gpt2" else 1)
+        else:
+            own = slab if streams_weights(group) else 0
+        ahead = self.prefetch_depth * slab
+        return own + self.fixed_bytes(group) + ahead
+
+    def unit_bytes(self, group: Group) -> int:
+        return self.slab_bytes_of(group.weight_keys) if streams_weights(group) else 0
+
+    def time(self, group: Group) -> tuple[float, float, float]:
+        """(objective seconds, compute seconds, load seconds) of a group; cached by the
+        group's composition, which is the same in every layer."""
+        key = tuple((s.kind, s.index) for s in group.stages)
+        if key not in self._time_cache:
+            cost = self.cost(group)
+            compute, load = roofline.predict_parts(cost, self.device, streamed=streams_weights(group),
+                                                   warm=self.warm, kv_on_disk=self.kv_on_disk)
+            objective = max(compute, load) if self.prefetch_depth else compute + load
+            self._time_cache[key] = (objective, compute, load)
+        return self._time_cache[key]
+
+    def cost(self, group: Group) -> roofline.Cost:
+        return roofline.group_cost(group, self.config, tokens=self.tokens, kv_len=self.kv_len,
+                                   weight_bytes=self.stored_bytes, kv_bits=self.kv_bits,
+                                   layout=self.layout, kv_block=self.kv_block)
+
+
+# ---- structure -----------------------------------------------------------------------------------
+
+
+def segments(stages: Sequence[Stage]) -> list[list[Stage]]:
+    """Runs of stages a group may not cross: embed, each layer, the final norm + LM head."""
+    out: list[list[Stage]] = []
+    key = object()
+    for stage in stages:
+        k = ("embed",) if stage.kind == "embed" else (stage.layer,)
+        if not out or k != key:
+            out.append([])
+            key = k
+        out[-1].append(stage)
+    return out
+
+
+def valid_group(stages: Sequence[Stage], config: ModelConfig) -> bool:
+    """Whether the executor can run these consecutive stages as one unit: embed alone; an
+    attention-only group is one head or whole kv groups of heads."""
+    kinds = {s.kind for s in stages}
+    if "embed" in kinds:
+        return len(stages) == 1
+    if kinds == {"attn"}:
+        g = config.queries_per_kv_head
+        return len(stages) == 1 or (len(stages) % g == 0 and stages[0].index % g == 0)
+    return True
+
+
+# ---- the exact dynamic program --------------------------------------------------------------------
+
+
+def optimal_partition(n: int, cost: Callable[[int, int], float],
+                      feasible: Callable[[int, int], bool]) -> tuple[float, list[tuple[int, int]]]:
+    """The contiguous partition of items [0, n) into runs [i, j) minimising the sum of
+    cost(i, j) over runs that are all feasible: (total, runs). O(n^2) calls.
+    Raises ValueError if no partition is feasible."""
+    best = [0.0] + [math.inf] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j - 1, -1, -1):
+            if best[i] == math.inf or not feasible(i, j):
+                continue
+            value = best[i] + cost(i, j)
+            if value < best[j]:
+                best[j], cut[j] = value, i
+    if best[n] == math.inf:
+        raise ValueError("no feasible partition")
+    runs, j = [], n
+    while j > 0:
+        runs.append((cut[j], j))
+        j = cut[j]
+    return best[n], runs[::-1]
+
+
+# ---- policies ---------------------------------------------------------------------------------------
+
+
+def _slab_cap(stages: Sequence[Stage], ctx: PlanContext, budget: int) -> int:
+    """The largest slab every single stage still fits under: budget minus the most
+    activation+KV any atomic stage holds, over depth + 1 slabs."""
+    fixed = max(ctx.fixed_bytes(Group((s,))) for s in stages)
+    return max(0, (budget - fixed) // (ctx.prefetch_depth + 1))
+
+
+def _fits(group: Group, ctx: PlanContext, budget: int, slab: int) -> bool:
+    return ctx.unit_bytes(group) <= slab and ctx.peak(group, slab) <= budget
+
+
+def _budget_groups(segs, ctx, budget, slab) -> list[Group]:
+    groups: list[Group] = []
+    for seg in segs:
+        current: list[Stage] = []
+        for stage in seg:
+            trial = current + [stage]
+            if current and valid_group(trial, ctx.config) and _fits(Group(tuple(trial)), ctx, budget, slab):
+                current = trial
+                continue
+            if current:
+                groups.append(Group(tuple(current)))
+            current = [stage]
+        groups.append(Group(tuple(current)))
+    return groups
+
+
+def _similar_size_groups(segs, ctx, budget, slab) -> list[Group]:
+    """Per segment: the fewest groups greedy packing needs, then cut at near-equal shares of
+    the segment's weight bytes (a cut moves earlier whenever a share would not fit)."""
+    groups: list[Group] = []
+    for seg in segs:
+        k = len(_budget_groups([seg], ctx, budget, slab))
+        weights = [ctx.stored_bytes(s.weight_keys) if s.weight_keys and s.kind != "embed" else 0
+                   for s in seg]
+        target = sum(weights) / k
+        current: list[Stage] = []
+        filled = 0.0
+        for stage, w in zip(seg, weights):
+            trial = current + [stage]
+            over_share = current and filled + w > target * (1 + 1e-9) and filled > 0
+            if current and (over_share or not valid_group(trial, ctx.config)
+                            or not _fits(Group(tuple(trial)), ctx, budget, slab)):
+                groups.append(Group(tuple(current)))
+                current, filled = [stage], float(w)
+                continue
+            current, filled = trial, filled + w
+        groups.append(Group(tuple(current)))
+    return groups
+
+
+def _optimal_groups(segs, ctx, budget, slab) -> tuple[float, list[Group]]:
+    total, groups = 0.0, []
+    solved: dict[tuple, list[tuple[int, int]]] = {}
+    for seg in segs:
+        key = tuple((s.kind, s.index) for s in seg)  # the same in every layer
+        if key not in solved:
+            def feasible(i, j, seg=seg):
+                return valid_group(seg[i:j], ctx.config) and _fits(Group(tuple(seg[i:j])), ctx, budget, slab)
+
+            def cost(i, j, seg=seg):
+                return ctx.time(Group(tuple(seg[i:j])))[0]
+
+            _, solved[key] = optimal_partition(len(seg), cost, feasible)
+        for i, j in solved[key]:
+            groups.append(Group(tuple(seg[i:j])))
+            total += ctx.time(groups[-1])[0]
+    return total, groups
+
+
+def _candidate_slabs(stages, ctx, budget) -> list[int]:
+    """Slab caps `optimal` tries: from the largest the budget allows down by factors of ~1.5
+    to the largest atomic unit (smaller caps leave room for groups reading a whole layer's KV)."""
+    cap = _slab_cap(stages, ctx, budget)
+    floor = max(ctx.unit_bytes(Group((s,))) for s in stages)
+    caps, value = [], cap
+    while value >= floor and len(caps) < 12:
+        caps.append(int(value))
+        value /= 1.5
+    if cap >= floor and floor not in caps:
+        caps.append(floor)
+    return caps or [cap]
+
+
+def make_plan(stages: Sequence[Stage], policy: str, ctx: PlanContext,
+              budget_bytes: int | None = None) -> Plan:
+    """Group `stages` by `policy` and account for every group; validates the budget."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown schedule.policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if policy in BUDGET_POLICIES:
+        if budget_bytes is None:
+            raise ValueError(f"schedule.policy={policy} needs schedule.budget_mb (a RAM budget in MB)")
+        check_atomic_fits(stages, ctx, budget_bytes)
+        segs = segments(stages)
+        if policy == "optimal":
+            best = None
+            for slab in _candidate_slabs(stages, ctx, budget_bytes):
+                try:
+                    objective, groups = _optimal_groups(segs, ctx, budget_bytes, slab)
+                except ValueError:
+                    continue
+                if best is None or objective < best[0] - 1e-15:
+                    best = (objective, groups)
+            if best is None:
+                raise _infeasible(stages, ctx, budget_bytes)
+            groups = best[1]
+        else:
+            slab = _slab_cap(stages, ctx, budget_bytes)
+            pack = _budget_groups if policy == "budget" else _similar_size_groups
+            groups = pack(segs, ctx, budget_bytes, slab)
+    else:
+        groups = group_stages(stages, policy, ctx.config)
+    plan = account(policy, groups, ctx, budget_bytes)
+    if budget_bytes is not None and plan.peak_bytes > budget_bytes:
+        worst = max(plan.rows, key=lambda r: r.peak_bytes)
+        raise InfeasibleBudget(
+            f"schedule.policy={policy} needs {plan.peak_bytes / MB:.2f} MB (group {worst.group_id}: "
+            f"weights {worst.weight_bytes / MB:.2f} MB in a {worst.buffer_bytes / MB:.2f} MB slab, "
+            f"{worst.prefetch_bytes / MB:.2f} MB read ahead, activations+KV "
+            f"{(worst.activation_bytes + worst.kv_bytes) / MB:.2f} MB) but schedule.budget_mb="
+            f"{budget_bytes / MB:.4g}; use a budget policy (budget, similar_size, optimal) or a "
+            f"budget of at least {math.ceil(plan.peak_bytes / MB * 100) / 100:g} MB")
+    return plan
+
+
+def account(policy: str, groups: Sequence[Group], ctx: PlanContext,
+            budget_bytes: int | None = None) -> Plan:
+    """The plan of a given grouping: memory rows exactly as the executor's `plan_groups`
+    (slab = the largest unit), FLOPs and predicted times from the roofline."""
+    slab = max((ctx.unit_bytes(g) for g in groups), default=0)
+    memory: list[GroupPlan] = plan_groups(groups, ctx.config, ctx.stored_bytes, ctx.tokens,
+                                          ctx.prefetch_depth, ctx.kv_block_bytes, ctx.kv_layer_bytes,
+                                          slab)
+    rows, costs = [], []
+    for group, mem in zip(groups, memory):
+        objective, compute, load = ctx.time(group)
+        cost = ctx.cost(group)
+        costs.append(cost)
+        rows.append(PlanRow(group.id, group.kind, tuple(s.id for s in group.stages), mem.weight_bytes,
+                            mem.activation_bytes, mem.kv_bytes, mem.prefetch_bytes, mem.buffer_bytes,
+                            mem.peak_bytes, cost.flops, objective, compute, load))
+    pipeline = roofline.predict_step(costs, [streams_weights(g) for g in groups], ctx.device,
+                                     prefetch_depth=ctx.prefetch_depth, warm=ctx.warm,
+                                     kv_on_disk=ctx.kv_on_disk)
+    return Plan(policy, budget_bytes, list(groups), rows, slab, sum(r.predicted_s for r in rows),
+                pipeline.total_s)
+
+
+# ---- validation -------------------------------------------------------------------------------------
+
+
+def check_atomic_fits(stages: Sequence[Stage], ctx: PlanContext, budget_bytes: int) -> None:
+    """Raise `InfeasibleBudget` if even the atomic grouping exceeds the budget."""
+    atomic = account("atomic", [Group((s,)) for s in stages], ctx)
+    if atomic.peak_bytes > budget_bytes:
+        raise _infeasible(stages, ctx, budget_bytes, atomic)
+
+
+def _infeasible(stages, ctx: PlanContext, budget_bytes: int, atomic: Plan | None = None) -> InfeasibleBudget:
+    atomic = atomic or account("atomic", [Group((s,)) for s in stages], ctx)
+    worst = max(atomic.rows, key=lambda r: r.peak_bytes)
+    largest = max(atomic.rows, key=lambda r: r.weight_bytes if r.kind != "embed" else 0)
+    need = atomic.peak_bytes
+    hint = _finer_chunks_hint(ctx, largest, need, budget_bytes)
+    return InfeasibleBudget(
+        f"schedule.budget_mb={budget_bytes / MB:.4g} is infeasible: stage {worst.group_id} alone "
+        f"needs {worst.peak_bytes / MB:.2f} MB (its weights {worst.weight_bytes / MB:.2f} MB, "
+        f"activations {worst.activation_bytes / MB:.3f} MB, KV {worst.kv_bytes / MB:.3f} MB, "
+        f"and {ctx.prefetch_depth} prefetch slab(s) of {atomic.slab_bytes / MB:.2f} MB for the "
+        f"largest stage, {largest.group_id}). The smallest budget that works with these settings "
+        f"is {math.ceil(need / MB * 100) / 100:g} MB{hint}.")
+
+
+def _finer_chunks_hint(ctx: PlanContext, largest: PlanRow, need: int, budget: int) -> str:
+    """What finer FFN or vocabulary chunks (or a shallower prefetch) would need instead: the
+    largest stage sets the slab size, so cutting it shrinks depth + 1 slabs."""
+    slabs = ctx.prefetch_depth + 1
+    rest = need - slabs * largest.weight_bytes  # what does not scale with the largest stage
+    parts = largest.stage_ids[0].split(".")
+    hints = []
+    for factor in (2, 4, 8, 16):
+        est = rest + slabs * largest.weight_bytes / factor
+        if parts[1:2] == ["ffn"]:
+            setting = f"schedule.ffn_chunks={ctx.layout.n_ffn_chunks * factor}"
+        elif parts[0] == "head":
+            chunk = max(1, (ctx.layout.vocab_bounds[1] - ctx.layout.vocab_bounds[0]) // factor)
+            setting = f"schedule.vocab_chunk={chunk}"
+        else:
+            break
+        if est <= budget or factor == 16:
+            hints.append(f"{setting} (about {est / MB:.2f} MB; other stages may then be the largest)")
+            break
+    if ctx.prefetch_depth:
+        est = need - ctx.prefetch_depth * largest.weight_bytes
+        hints.append(f"schedule.prefetch_depth=0 (about {est / MB:.2f} MB, slower)")
+    return "; or try " + ", or ".join(hints) if hints else ""

@@ -1,0 +1,195 @@
+"""Plans under a RAM budget: the exact DP against brute force, `optimal` never predicted slower
+than the heuristics, budgets respected, infeasible budgets explained, and staged == monolithic
+for every budget policy."""
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stagejax.decode import forward_logits
+from stagejax.executor import StagedDecoder
+from stagejax.kv_cache import KVLayout, read_bytes, stored_row_bytes
+from stagejax.loading import open_model
+from stagejax.model_config import ModelConfig
+from stagejax.planner import (BUDGET_POLICIES, InfeasibleBudget, PlanContext, account, make_plan,
+                              optimal_partition, segments, valid_group)
+from stagejax.roofline import Device
+from stagejax.scheduler import Group
+from stagejax.stages import ChunkLayout, build_stages
+from stagejax.store import WeightStore, assemble_params, convert_checkpoint
+
+# A fixed, made-up device: the tests check the algorithms, not this machine's numbers.
+DEVICE = Device(name="test", flops_per_s={"float32": 5e10}, mem_read_bytes_per_s=2e10,
+                storage_read_bytes_per_s=1e9, storage_warm_bytes_per_s=1e10,
+                call_overhead_s=2e-5, ram_bytes=2**33, source="test constants")
+KB = 1024
+
+
+def context(config: ModelConfig, layout: ChunkLayout, depth=2, kv_len=40, kv_block=8,
+            stored_bytes=None) -> PlanContext:
+    kv = KVLayout("disk", "head_major", kv_block)
+    sizes = {}
+    for stage in build_stages(config, layout):
+        for key in stage.weight_keys:
+            sizes[key] = 4 * weight_elements(config, layout, key)
+    stored = stored_bytes or (lambda keys: sum(sizes[k] for k in keys))
+    return PlanContext(config=config, layout=layout, stored_bytes=stored,
+                       slab_bytes_of=lambda keys: sum(-(-sizes[k] // 64) * 64 for k in keys),
+                       kv_block_bytes=lambda n: read_bytes(config, kv, n, kv_block),
+                       kv_layer_bytes=48 * stored_row_bytes(config, kv, config.n_kv_heads),
+                       prefetch_depth=depth, device=DEVICE, kv_len=kv_len, kv_block=kv_block)
+
+
+def weight_elements(config, layout, key):
+    """Element count of a stage-shard key (llama family, as design §4 lays them out)."""
+    d, h = config.d_model, config.head_dim
+    parts = key.split("/")
+    if parts[0] in ("embed", "head"):
+        c = int(parts[1])
+        return (layout.vocab_bounds[c + 1] - layout.vocab_bounds[c]) * d
+    if parts[0] == "final_norm" or parts[1] in ("attn_norm", "ffn_norm"):
+        return d
+    if parts[1] in ("q", "k", "v"):
+        return d * h
+    if parts[1] == "o":
+        return config.n_heads * h * d
+    c = int(parts[2])
+    return d * (layout.ffn_bounds[c + 1] - layout.ffn_bounds[c])
+
+
+SMALL = ModelConfig(family="llama", vocab_size=101, d_model=48, n_layers=2, n_heads=4,
+                    n_kv_heads=2, head_dim=12, ffn_dim=96, max_seq_len=64, norm_eps=1e-5,
+                    rope_theta=10000.0, tie_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+TWO_HEADS = ModelConfig(family="llama", vocab_size=101, d_model=48, n_layers=2, n_heads=2,
+                        n_kv_heads=1, head_dim=24, ffn_dim=96, max_seq_len=64, norm_eps=1e-5,
+                        rope_theta=10000.0, tie_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+def test_dp_equals_brute_force_on_random_instances():
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        n = int(rng.integers(1, 11))
+        costs = {(i, j): float(rng.uniform(0.1, 3.0)) + 0.5 for i in range(n) for j in range(i + 1, n + 1)}
+        allowed = {k: (k[1] - k[0] == 1) or rng.random() < 0.6 for k in costs}
+        value, runs = optimal_partition(n, lambda i, j: costs[i, j], lambda i, j: allowed[i, j])
+        best = math.inf
+        for cuts in itertools.product((0, 1), repeat=n - 1):
+            bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [n]
+            parts = list(zip(bounds, bounds[1:]))
+            if all(allowed[p] for p in parts):
+                best = min(best, sum(costs[p] for p in parts))
+        assert value == pytest.approx(best)
+        assert sum(costs[r] for r in runs) == pytest.approx(value)
+        assert runs[0][0] == 0 and runs[-1][1] == n
+
+
+def test_optimal_plan_is_optimal_on_a_small_model_by_brute_force():
+    """Every contiguous grouping of each segment that fits (with the plan's slab cap) —
+    none is predicted faster than the one `optimal` picked."""
+    layout = ChunkLayout.create(TWO_HEADS, ffn_chunks=2, vocab_chunk=40)
+    ctx = context(TWO_HEADS, layout)
+    stages = build_stages(TWO_HEADS, layout)
+    budget = 120 * KB
+    plan = make_plan(stages, "optimal", ctx, budget)
+    assert plan.peak_bytes <= budget
+    for seg in segments(stages):
+        chosen = [g for g in plan.groups if g.stages[0] in seg]
+        chosen_time = sum(ctx.time(g)[0] for g in chosen)
+        n = len(seg)
+        assert n <= 14  # brute force stays small
+        for cuts in itertools.product((0, 1), repeat=n - 1):
+            bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [n]
+            groups = [Group(tuple(seg[i:j])) for i, j in zip(bounds, bounds[1:])]
+            if not all(valid_group(g.stages, TWO_HEADS) for g in groups):
+                continue
+            if max(ctx.peak(g, plan.slab_bytes) for g in groups) > budget or \
+                    max(ctx.unit_bytes(g) for g in groups) > plan.slab_bytes:
+                continue
+            assert sum(ctx.time(g)[0] for g in groups) >= chosen_time - 1e-12
+
+
+@pytest.mark.parametrize("budget_kb", [48, 64, 96, 160, 512, 2048])
+def test_optimal_never_predicted_slower_and_budgets_hold(budget_kb):
+    layout = ChunkLayout.create(SMALL, ffn_chunks=4, vocab_chunk=20)
+    ctx = context(SMALL, layout)
+    stages = build_stages(SMALL, layout)
+    plans = {p: make_plan(stages, p, ctx, budget_kb * KB) for p in BUDGET_POLICIES}
+    for plan in plans.values():
+        assert plan.peak_bytes <= budget_kb * KB
+        assert [s for g in plan.groups for s in g.stages] == stages  # every stage once, in order
+    optimal = plans["optimal"].predicted_step_s
+    assert optimal <= plans["budget"].predicted_step_s + 1e-12
+    assert optimal <= plans["similar_size"].predicted_step_s + 1e-12
+    assert optimal <= account("atomic", [Group((s,)) for s in stages], ctx).predicted_step_s + 1e-12
+
+
+def test_bigger_budgets_give_fewer_groups():
+    layout = ChunkLayout.create(SMALL, ffn_chunks=4, vocab_chunk=20)
+    ctx = context(SMALL, layout)
+    stages = build_stages(SMALL, layout)
+    counts = [len(make_plan(stages, "budget", ctx, b * KB).groups) for b in (48, 160, 2048)]
+    assert counts[0] > counts[1] > counts[2]
+
+
+def test_infeasible_budget_names_the_stage_and_the_budget_that_works():
+    layout = ChunkLayout.create(SMALL, ffn_chunks=1, vocab_chunk=101)
+    ctx = context(SMALL, layout)
+    stages = build_stages(SMALL, layout)
+    with pytest.raises(InfeasibleBudget) as error:
+        make_plan(stages, "budget", ctx, 8 * KB)
+    message = str(error.value)
+    assert "schedule.budget_mb=" in message and "stage " in message
+    assert "L0.ffn.0" in message  # the largest stage sets the slab size
+    smallest = float(message.split("smallest budget that works with these settings is ")[1].split(" MB")[0])
+    make_plan(stages, "budget", ctx, int(math.ceil(smallest * 2**20)))  # and it does work
+    assert "schedule.vocab_chunk=" in message or "schedule.ffn_chunks=" in message
+    # a fixed policy over its budget is refused too, before anything runs
+    with pytest.raises(InfeasibleBudget, match="budget policy"):
+        make_plan(stages, "layer", ctx, 200 * KB)
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    handle = open_model("tiny")
+    path = convert_checkpoint(handle, tmp_path_factory.mktemp("ckpt"), ffn_chunks=3,
+                              vocab_chunk=64, progress=False)
+    store = WeightStore(path, verify="off", expect_config=handle.config)
+    layout = ChunkLayout(tuple(store.manifest.ffn_chunk_bounds), tuple(store.manifest.vocab_chunk_bounds))
+    arrays = store.read(store.manifest.keys)
+    params = jax.tree_util.tree_map(jnp.array, assemble_params(
+        arrays, handle.config, list(layout.ffn_bounds), list(layout.vocab_bounds)))
+    store.release(arrays)
+    yield handle.config, store, layout, params
+    store.close()
+
+
+@pytest.mark.parametrize("policy", BUDGET_POLICIES)
+@pytest.mark.parametrize("budget_kb", [40, 400])
+def test_budget_policies_equal_monolithic(tiny_store, policy, budget_kb):
+    config, store, layout, params = tiny_store
+    kv = KVLayout("disk", "head_major", 8)
+    arrays = store.manifest.arrays
+    ctx = PlanContext(config=config, layout=layout, stored_bytes=store.nbytes,
+                      slab_bytes_of=lambda keys: sum(-(-arrays[k].nbytes // 64) * 64 for k in keys),
+                      kv_block_bytes=lambda n: read_bytes(config, kv, n, 8),
+                      kv_layer_bytes=48 * stored_row_bytes(config, kv, config.n_kv_heads),
+                      prefetch_depth=2, device=DEVICE, kv_len=40, kv_block=8)
+    plan = make_plan(build_stages(config, layout), policy, ctx, budget_kb * KB)
+    tokens = [int(t) for t in np.random.default_rng(1).integers(0, config.vocab_size, 30)]
+    full = np.asarray(jax.jit(forward_logits, static_argnums=0)(config, params, jnp.asarray([tokens])))[0]
+    decoder = StagedDecoder(config, store, layout, policy, kv, capacity=48, prefill_block=16,
+                            prefetch_depth=2, groups=plan.groups, kv_block=8)
+    try:
+        assert [r.peak_bytes for r in plan.rows] == [r.peak_bytes for r in decoder.plan()]
+        np.testing.assert_allclose(decoder.prefill(tokens[:20]), full[19], atol=1e-5, rtol=0)
+        for position in range(20, 30):
+            np.testing.assert_allclose(decoder.step(tokens[position], position), full[position],
+                                       atol=1e-5, rtol=0)
+    finally:
+        decoder.close()
