@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stagejax import measure
+from stagejax.activation_store import ActivationStore
 from stagejax.kv_cache import HostKVCache, KVLayout, aligned_empty, stored_kv
 from stagejax.model_config import ModelConfig
 from stagejax.sampling import SamplingConfig, sample_token
@@ -108,12 +109,15 @@ class StagedDecoder:
       prefill_block: tokens per prefill/scoring pass.
       kv_block: KV rows per attention call (schedule.kv_block; a multiple of the layout's
         block_tokens; default: one stored block).
+      activations: "ram" (donated from group to group) or "disk" (each group's outputs written
+        to a file and read back by the groups that use them; `ActivationStore`).
     """
 
     def __init__(self, config: ModelConfig, store, layout: ChunkLayout, policy: str,
                  kv_layout: KVLayout, capacity: int, prefill_block: int = 64,
                  prefetch_depth: int = 1, sampling: SamplingConfig = SamplingConfig(),
-                 groups: Sequence[Group] | None = None, kv_block: int | None = None):
+                 groups: Sequence[Group] | None = None, kv_block: int | None = None,
+                 activations: str = "ram"):
         self.config, self.store, self.layout, self.policy = config, store, layout, policy
         # Stored keys: a quantized weight is several arrays (stagejax.quant), listed per stage.
         self.stages: list[Stage] = build_stages(config, layout, store.manifest.arrays)
@@ -125,6 +129,9 @@ class StagedDecoder:
         if any(g.kind == "fused" and g.stages[0].kind == "embed" for g in self.groups):
             raise ValueError("the embed stage must be a group of its own")
         self.kv_layout = kv_layout
+        if activations not in ("ram", "disk"):
+            raise ValueError(f"schedule.activations must be ram or disk, got {activations!r}")
+        self.activation_store = ActivationStore() if activations == "disk" else None
         self.kv_block = kv_block or kv_layout.block_tokens
         self.prefill_block = prefill_block
         self.cache = HostKVCache(config, max(capacity, prefill_block), kv_layout, self.kv_block)
@@ -280,6 +287,8 @@ class StagedDecoder:
             self.store, self.prefetcher = store, prefetcher
             self.cache.bytes_read = self.cache.bytes_written = 0
             self.kv_wait_s = 0.0
+            if self.activation_store is not None:
+                self.activation_store.bytes_read = self.activation_store.bytes_written = 0
 
     @property
     def n_executables(self) -> int:
@@ -357,16 +366,25 @@ class StagedDecoder:
                "last": self._int(n_real - 1)}
         if scoring:
             ctx["targets"] = jnp.asarray(np.asarray(targets, np.int32))
-        state = self._state(tokens, scoring)
+        spill = self.activation_store
+        state = init_state(self.config, tokens, scoring) if spill else self._state(tokens, scoring)
         if scoring:  # fresh log-sum-exp accumulators for this pass
             state.update(nll_m=jnp.full((tokens,), ops.MASK_VALUE), nll_s=jnp.zeros((tokens,)),
                          nll_target=jnp.zeros((tokens,)))
+        if spill:  # every entry starts in external memory
+            for entry, value in state.items():
+                spill.write((tokens, scoring, entry), value)
+            state = {}
         observer = self.observer
         for gi, facts in enumerate(self._facts):
             if observer:
                 t0, wait0 = time.perf_counter(), self.store.io_wait_s + self.kv_wait_s
             exe = self._group_exe[(gi, tokens, scoring)]
             written, read_only = facts.scoring_entries if scoring else facts.entries
+            if spill:
+                needed = written + read_only + (("k_new", "v_new") if facts.flush_layers else ())
+                for entry in needed:  # a copy: the read buffer is reused, the copy donated
+                    state[entry] = jnp.array(spill.read((tokens, scoring, entry)))
             if facts.kind == "embed":
                 rows = self._read_embed(token_ids, start)
                 out = exe({e: state[e] for e in written}, {}, rows, ctx, self._index[gi], ())
@@ -393,9 +411,16 @@ class StagedDecoder:
             for layer in facts.flush_layers:
                 self.cache.write(layer, start, np.asarray(state["k_new"])[0],
                                  np.asarray(state["v_new"])[0])
+            if spill:  # out to external memory; nothing stays resident between groups
+                for entry in written:
+                    spill.write((tokens, scoring, entry), state[entry])
+                state.clear()
             if observer:
                 observer(gi, self.groups[gi], t0, time.perf_counter(),
                          self.store.io_wait_s + self.kv_wait_s - wait0)
+        if spill:  # what callers read: logits, or the scoring accumulators
+            for entry in (("nll_m", "nll_s", "nll_target") if scoring else ("logits",)):
+                state[entry] = jnp.array(spill.read((tokens, scoring, entry)))
         return state
 
     def _run_attention(self, gi, group, exes, state, ctx, start, tokens):
@@ -467,3 +492,5 @@ class StagedDecoder:
     def close(self) -> None:
         self.prefetcher.close()
         self.cache.close()
+        if self.activation_store is not None:
+            self.activation_store.close()

@@ -115,7 +115,8 @@ class ScheduleRun:
                 config, store, self.layout, self.policy, kv_layout,
                 capacity=capacity, prefill_block=schedule.prefill_block,
                 prefetch_depth=schedule.prefetch_depth, sampling=sampling,
-                groups=self.planned.groups, kv_block=schedule.kv_block)
+                groups=self.planned.groups, kv_block=schedule.kv_block,
+                activations=schedule.activations)
             self.n_groups = len(self.staged.groups)
             self.staged.dry_run()
         self.compile_s = time.perf_counter() - start
@@ -162,10 +163,13 @@ class ScheduleRun:
         return [GroupPlan("model", "fused", self.n_stages, weights, activations, kv, 0)]
 
     def io_counters(self) -> tuple[int, float]:
-        """(bytes read from storage so far: weights + KV blocks, seconds spent waiting for them)."""
+        """(bytes read from storage so far: weights + KV blocks + activations read back with
+        schedule.activations=disk, seconds spent waiting for weights and KV)."""
         if self.staged is None:
             return self.store.bytes_read, self.store.io_wait_s
-        return (self.store.bytes_read + self.staged.cache.bytes_read,
+        spilled = self.staged.activation_store
+        return (self.store.bytes_read + self.staged.cache.bytes_read
+                + (spilled.bytes_read if spilled is not None else 0),
                 self.store.io_wait_s + self.staged.kv_wait_s)
 
 

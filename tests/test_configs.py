@@ -27,7 +27,9 @@ def test_default_config_composes():
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS)
 def test_every_group_option_composes(group, option):
-    settings = compose_settings([f"{group}={option}"])
+    # experiment/ presets are not in the defaults list: they are added with `+`.
+    prefix = "+" if group == "experiment" else ""
+    settings = compose_settings([f"{prefix}{group}={option}"])
     assert isinstance(settings, RunSettings)
 
 

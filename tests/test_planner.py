@@ -193,3 +193,26 @@ def test_budget_policies_equal_monolithic(tiny_store, policy, budget_kb):
                                        atol=1e-5, rtol=0)
     finally:
         decoder.close()
+
+
+def test_activations_on_disk_equal_monolithic_and_are_counted(tiny_store):
+    config, store, layout, params = tiny_store
+    kv = KVLayout("disk", "head_major", 8)
+    tokens = [int(t) for t in np.random.default_rng(3).integers(0, config.vocab_size, 26)]
+    full = np.asarray(jax.jit(forward_logits, static_argnums=0)(config, params, jnp.asarray([tokens])))[0]
+    for policy in ("atomic", "layer"):
+        decoder = StagedDecoder(config, store, layout, policy, kv, capacity=48, prefill_block=16,
+                                prefetch_depth=2, kv_block=8, activations="disk")
+        try:
+            np.testing.assert_allclose(decoder.prefill(tokens[:20]), full[19], atol=1e-5, rtol=0)
+            before = decoder.activation_store.bytes_read
+            for position in range(20, 26):
+                np.testing.assert_allclose(decoder.step(tokens[position], position), full[position],
+                                           atol=1e-5, rtol=0)
+            per_step = (decoder.activation_store.bytes_read - before) / 6
+            assert per_step >= config.d_model * 4 * len(decoder.groups) // 2  # every group reads back
+            log_probs = jax.nn.log_softmax(full[:20], axis=-1)
+            expected = -np.take_along_axis(np.asarray(log_probs), np.asarray(tokens[1:21])[:, None], 1)[:, 0]
+            np.testing.assert_allclose(decoder.token_nll(tokens[:21]), expected, atol=1e-5, rtol=0)
+        finally:
+            decoder.close()
