@@ -137,6 +137,10 @@ class HostKVCache:
         self.bytes_read = 0
         self.bytes_written = 0
         self._block_buffers: dict[tuple, np.ndarray] = {}
+        # The last block read, still in its buffer: GQA heads of one kv group attend the same
+        # block one after another (atomic: 3 heads per group on SmolLM2), so they share a read.
+        self._last_read: tuple | None = None
+        self.reads_reused = 0
         self._tmpdir = None
         # Lossy dtypes quantize in XLA with the very function attention's round trip uses.
         self._quantize = jax.jit(lambda k, v: ops.kv_quantize(jnp.stack([k, v], axis=1), layout.dtype))
@@ -198,6 +202,7 @@ class HostKVCache:
         """Store rows [start, start + T) of all kv groups of `layer` (float32 in; quantized
         with `ops.kv_quantize`, the same function attention's round trip uses)."""
         t = k_TKH.shape[0]
+        self._last_read = None
         if start + t > self.capacity:
             raise ValueError(f"KV cache of {self.capacity} rows cannot take rows {start}..{start + t}")
         if self.layout.dtype == "float32":
@@ -256,6 +261,10 @@ class HostKVCache:
         """Rows [start, start + rows) (whole stored blocks) in storage form: (values,) or
         (values, scales); head_major values [rows/B, n_groups, 2, B, H], token_major
         [rows/B, B, 2, K, H] (all groups). Buffers are reused by the next read of that shape."""
+        key = (layer, first_group, n_groups, start, rows)
+        if self._last_read is not None and self._last_read[0] == key:
+            self.reads_reused += 1
+            return self._last_read[1]
         b = self.layout.block_tokens
         if start % b or rows % b:
             raise ValueError(f"KV reads cover whole blocks of {b} rows, got rows {start}..{start + rows}")
@@ -286,12 +295,15 @@ class HostKVCache:
                     self._pread(source[layer], part, first * block_items * dtype.itemsize)
             out.append(part)
         self.bytes_read += sum(p.nbytes for p in out)
-        return tuple(out)
+        out = tuple(out)
+        self._last_read = (key, out) if self.layout.location == "disk" else None
+        return out
 
     def read_past(self, layer: int, past_len: int) -> tuple:
         """The whole layer in storage form (a whole-layer `read_block`), only the blocks
         holding rows [0, past_len) read from storage; later rows are stale and masked by the
         attention stage."""
+        self._last_read = None  # the whole-layer buffer may be a block buffer too
         if self.layout.location == "ram":
             out = (self._values[layer],) + ((self._scales[layer],) if self.layout.quantized else ())
             self.bytes_read += self.layer_bytes()
