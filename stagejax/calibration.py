@@ -46,7 +46,7 @@ import numpy as np
 from stagejax.results import atomic_write_json
 from stagejax.roofline import Device
 
-CALIBRATION_FORMAT = 1  # bump when the probes change meaning: cached records are re-measured
+CALIBRATION_FORMAT = 2  # bump when the probes change meaning: cached records are re-measured
 ALIGN_BYTES = 64  # buffers handed to reads are 64-byte aligned, as the weight store's are
 
 
@@ -192,20 +192,37 @@ def matvec_probe(d_in: int, d_out: int, repeats: int = 25) -> Measurement:
 
 
 def call_overhead_probe(calls: int = 100, repeats: int = 21) -> Measurement:
-    """Seconds per call of a tiny jitted function (4 floats + 1), blocking on each result as
-    the executor does; median over batches of `calls` calls."""
+    """Seconds per call of a small jitted stage called the way the staged executor calls one:
+    a donated dict of activations, a read-only dict, one weight as an aligned host array, a
+    context dict of scalars and an index vector; the caller builds the dicts, blocks on the
+    result and merges it back (the per-group cost the roofline adds per call). Median over
+    batches of `calls` calls."""
     import jax
     import jax.numpy as jnp
 
-    add_one = jax.jit(lambda x: x + 1)
-    x = jnp.zeros((4,), jnp.float32)
+    def stage(mut, const, weights, ctx, index):
+        q = mut["q"] + jnp.einsum("td,dh->th", const["h"], weights[0])[:, None, :] * ctx["scale"]
+        return {"q": q + index[0].astype(q.dtype)}
+
+    run = jax.jit(stage, donate_argnums=(0,))
+    weight = _aligned(16 * 8 * 4).view(np.float32).reshape(16, 8)
+    weight.fill(0.5)
+    state = {"q": jnp.zeros((1, 1, 8)), "h": jnp.ones((1, 16)), "x": jnp.ones((1, 16))}
+    ctx = {"scale": jnp.float32(1.0), "past_len": jnp.int32(0), "last": jnp.int32(0)}
+    index = jnp.zeros((1,), jnp.int32)
+    written, read_only = ("q",), ("h",)
 
     def batch():
         for _ in range(calls):
-            add_one(x).block_until_ready()
+            out = run({e: state[e] for e in written}, {e: state[e] for e in read_only},
+                      (weight,), ctx, index)
+            out["q"].block_until_ready()
+            state.update(out)
 
+    batch()  # compiles
     times = _timed(batch, repeats) / calls
-    return Measurement.of(times, "s", f"jax.jit(x + 1) on 4 floats with block_until_ready, "
+    return Measurement.of(times, "s", f"a jitted stage called as the staged executor calls one "
+                          f"(donated state dict, host weight, context dict), blocking on each; "
                           f"median over {repeats} batches of {calls} calls", calls=calls)
 
 

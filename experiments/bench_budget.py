@@ -1,0 +1,83 @@
+"""RAM-budget sweep (issue 5): `budget`, `similar_size` and `optimal` on SmolLM2 float32,
+context ~512 (KV on disk), in one run — measured tokens/s and decode peak against the plan's
+predicted peak and step time.
+
+Each job runs in a fresh process (`experiments/runs.py`). A budget below what the finest stage
+needs is reported with the planner's error message (the infeasible-budget check).
+
+    .venv/bin/python experiments/bench_budget.py [--budgets 2,4,8,16,32,64] [--new-tokens 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runs import REPO, run_isolated, smollm2_settings  # noqa: E402
+
+POLICIES = ("budget", "similar_size", "optimal")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", default="2,4,8,16,32,64", help="MB, comma-separated")
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--ffn-chunks", type=int, default=16)
+    parser.add_argument("--vocab-chunk", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "budget_smollm2"))
+    args = parser.parse_args()
+
+    from stagejax.results import atomic_write_json, atomic_write_text
+
+    out = Path(args.out)
+    rows = []
+    for budget in [float(b) for b in args.budgets.split(",")]:
+        for policy in args.policies.split(","):
+            name = f"{policy}-{budget:g}MB"
+            print(f"running {name} ...", flush=True)
+            settings = smollm2_settings(policy, new_tokens=args.new_tokens, schedule=dict(
+                budget_mb=budget, ffn_chunks=args.ffn_chunks, vocab_chunk=args.vocab_chunk))
+            metrics = run_isolated(settings, out / name)
+            rows.append({"policy": policy, "budget_mb": budget, **metrics})
+            if "error" in metrics:
+                print(f"  {metrics['error']}")
+
+    mb = 2 ** 20
+    lines = [f"SmolLM2-135M float32, context {next((r['prompt_tokens'] for r in rows if 'prompt_tokens' in r), '?')}"
+             f"+{args.new_tokens} tokens, KV on disk, ffn_chunks {args.ffn_chunks}, vocab_chunk "
+             f"{args.vocab_chunk}, prefetch depth 2, warm page cache; predictions from the "
+             f"calibrated roofline (conf/device/this_machine)", "",
+             "| budget MB | policy | groups | planned peak MB | decode peak MB | tokens/s | "
+             "predicted ms/step | measured ms/step | predicted/measured |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['budget_mb']:g} | {r['policy']} | infeasible: {r['error'][:160]} | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['budget_mb']:g} | {r['policy']} | {r['n_groups']} | {r['planned_peak_bytes'] / mb:.2f} | "
+            f"{r['peak_rss_decode_bytes'] / mb:.2f} | {r['decode_tokens_per_s']:.2f} | "
+            f"{r['predicted_step_s'] * 1e3:.1f} | {r['measured_step_s'] * 1e3:.1f} | "
+            f"{r['predicted_step_s'] / r['measured_step_s']:.2f} |")
+    ok = [r for r in rows if "error" not in r]
+    by = {(r["budget_mb"], r["policy"]): r for r in ok}
+    lines.append("")
+    for budget in sorted({r["budget_mb"] for r in ok}):
+        if (budget, "optimal") in by and (budget, "budget") in by:
+            ratio = by[(budget, "optimal")]["decode_tokens_per_s"] / by[(budget, "budget")]["decode_tokens_per_s"]
+            lines.append(f"budget {budget:g} MB: optimal / budget tokens/s = {ratio:.2f}x")
+    errors = [abs(r["predicted_step_s"] / r["measured_step_s"] - 1) for r in ok]
+    if errors:
+        lines.append(f"prediction error |predicted/measured - 1|: median {sorted(errors)[len(errors) // 2]:.0%}, "
+                     f"max {max(errors):.0%} over {len(errors)} runs")
+    table = "\n".join(lines)
+    print(table)
+    atomic_write_json(out / "summary.json", {"rows": rows})
+    atomic_write_text(out / "summary.md", table + "\n")
+
+
+if __name__ == "__main__":
+    main()
