@@ -20,6 +20,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -223,8 +224,11 @@ def record_timeline(run: ScheduleRun, position: int, token: int) -> dict:
                        "bytes": nbytes} for unit, start, end, nbytes in log]}
 
 
-def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = True) -> dict:
-    """Run the configured job and write `metrics.json` (atomically) into `out_dir`."""
+def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = True,
+                   on_decode_start: Callable[[int], None] | None = None) -> dict:
+    """Run the configured job and write `metrics.json` (atomically) into `out_dir`.
+    `on_decode_start(baseline_rss_bytes)` is called just before the timed decode (e.g. to
+    tighten a memory cap around the decode's working set)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     use_one_malloc_arena()
@@ -269,6 +273,8 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
         release_freed_memory()  # prefill's freed temporaries are not the decode's working set
         peak.start_phase()
         decode_io["start"] = run.io_counters()
+        if on_decode_start is not None:
+            on_decode_start(baseline_rss)
 
     generation = run_generation(session, ids, max_new, settings.seed, config.eos_token_id,
                                 handle.tokenizer.decode, run.compile_s, before_decode=before_decode,
