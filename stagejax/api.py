@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from stagejax import data
 from stagejax.decode import GenerationResult, generate as generate_ids, token_nll
 from stagejax.loading import Model, load_model
-from stagejax.perplexity import PerplexityResult, perplexity_llama_cpp, perplexity_strided
+from stagejax.evaluation import PerplexityResult, perplexity_llama_cpp, perplexity_strided
 from stagejax.sampling import SamplingConfig
 
 __all__ = ["Model", "load_model", "generate", "perplexity"]

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stagejax import data, measure
+from stagejax import data, measure, roofline
 from stagejax.decode import (MonolithicSession, decoder_for, run_generation, sampling_keys,
                              token_nll)
 from stagejax.executor import StagedDecoder
@@ -34,7 +34,7 @@ from stagejax.devices import device_from_settings
 from stagejax.kv_cache import KVLayout, cache_capacity, read_bytes as kv_read_bytes, stored_row_bytes
 from stagejax.planner import PlanContext, make_plan
 from stagejax.loading import open_model, release_freed_memory, use_one_malloc_arena
-from stagejax.perplexity import perplexity_llama_cpp, perplexity_strided
+from stagejax.evaluation import perplexity_llama_cpp, perplexity_strided
 from stagejax.results import atomic_write_json
 from stagejax.sampling import SamplingConfig
 from stagejax.scheduler import GroupPlan, streams_weights
@@ -79,7 +79,7 @@ class ScheduleRun:
     a decoding session, a scoring function, the plan, and the I/O counters."""
 
     def __init__(self, settings: RunSettings, handle, store: WeightStore, capacity: int,
-                 prompt_len: int, sampling: SamplingConfig):
+                 prompt_len: int, sampling: SamplingConfig, progress: bool = False):
         self.settings, self.store = settings, store
         config = handle.config
         manifest = store.manifest
@@ -101,6 +101,10 @@ class ScheduleRun:
                     jnp.zeros((1, settings.eval.n_ctx), jnp.int32)))
             self.n_groups = 1
             self.staged = None
+            # The roofline's view of the resident step: its weights read at the matvec rate.
+            self.device = device_from_settings(settings.device, settings.paths.cache)
+            step = roofline.model_step_cost(config, phase="decode", kv_len=capacity)  # float32 KV
+            self.model_predicted_s = roofline.predict_parts(step, self.device, streamed=False)[0]
         else:
             schedule, cache = settings.schedule, settings.cache
             kv_layout = KVLayout(cache.kind, cache.order, cache.block_tokens or schedule.kv_block,
@@ -119,6 +123,8 @@ class ScheduleRun:
                 groups=self.planned.groups, kv_block=schedule.kv_block,
                 activations=schedule.activations)
             self.n_groups = len(self.staged.groups)
+            if progress:
+                print(self.planned.table(), flush=True)
             self.staged.dry_run()
         self.compile_s = time.perf_counter() - start
         self.params = None
@@ -258,7 +264,7 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
     store = WeightStore(checkpoint, verify=settings.store.verify, expect_config=config,
                         drop_page_cache=settings.store.drop_page_cache)
     capacity = max(len(ids) + max_new + 1, n_ctx if settings.eval.ppl_chunks else 0)
-    run = ScheduleRun(settings, handle, store, capacity, len(ids), sampling)
+    run = ScheduleRun(settings, handle, store, capacity, len(ids), sampling, progress)
     keys = jax.block_until_ready(sampling_keys(settings.seed, max_new))  # compiles: before baseline
     release_freed_memory()
     baseline_rss = measure.rss_bytes()
@@ -313,13 +319,16 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
         "weight_bytes": store.manifest.nbytes,
     }
 
+    measured_step = 1 / generation.decode_tokens_per_s if generation.decode_tokens_per_s else float("nan")
     if run.staged is not None:
         planned = run.planned
         metrics.update(predicted_step_s=planned.predicted_step_s,
                        predicted_pipeline_step_s=planned.pipeline_step_s,
-                       measured_step_s=1 / generation.decode_tokens_per_s
-                       if generation.decode_tokens_per_s else float("nan"),
-                       device=run.planner_context.device.name)
+                       measured_step_s=measured_step, device=run.planner_context.device.name)
+    else:
+        metrics.update(predicted_step_s=run.model_predicted_s,
+                       predicted_pipeline_step_s=run.model_predicted_s,
+                       measured_step_s=measured_step, device=run.device.name)
 
     if settings.eval.ppl_chunks:
         text = data.read_text(settings.eval.dataset, settings.paths.data)

@@ -46,10 +46,11 @@ class ModelSettings:
 
 @dataclasses.dataclass
 class ScheduleSettings:
-    policy: str = "model"
+    policy: str = "atomic"
     budget_mb: Optional[float] = None
-    ffn_chunks: int = 1
-    vocab_chunk: Optional[int] = None  # None: the whole vocabulary in one chunk
+    # Chunking is a conversion parameter: one checkpoint serves every schedule with these values.
+    ffn_chunks: int = 8  # SmolLM2: 1.3 MB per FFN chunk stage
+    vocab_chunk: Optional[int] = 512  # tokens per LM-head stage (None: the whole vocabulary)
     kv_block: int = 512  # KV rows per attention block read (context 512: one block)
     prefetch_depth: int = 2  # units read ahead; the store's thread hand-off makes 1 slow here
     prefill_block: int = 64  # tokens per staged prefill / scoring pass

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from stagejax.perplexity import perplexity_llama_cpp, perplexity_strided
+from stagejax.evaluation import perplexity_llama_cpp, perplexity_strided
 
 
 def position_nll_fn(record):
