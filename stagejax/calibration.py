@@ -46,7 +46,7 @@ import numpy as np
 from stagejax.results import atomic_write_json
 from stagejax.roofline import Device
 
-CALIBRATION_FORMAT = 2  # bump when the probes change meaning: cached records are re-measured
+CALIBRATION_FORMAT = 3  # bump when the probes change meaning: cached records are re-measured
 ALIGN_BYTES = 64  # buffers handed to reads are 64-byte aligned, as the weight store's are
 
 
@@ -226,6 +226,45 @@ def call_overhead_probe(calls: int = 100, repeats: int = 21) -> Measurement:
                           f"median over {repeats} batches of {calls} calls", calls=calls)
 
 
+def executor_overhead_probe(cache_dir: Path, steps: int = 30, repeats: int = 7) -> Measurement:
+    """Seconds per group of the staged executor's own cost: an `atomic` decode step of the
+    random `tiny` preset (84 groups whose compute and weights are negligible), KV on disk,
+    prefetch depth 2, divided by its group count — the prefetcher hand-off, the executable
+    call, blocking, releasing, KV block reads and flushes, all of it. Median over batches."""
+    import jax
+
+    from stagejax.executor import StagedDecoder  # the executor is what is measured
+    from stagejax.kv_cache import KVLayout
+    from stagejax.loading import open_model
+    from stagejax.stages import ChunkLayout
+    from stagejax.store import WeightStore, convert_checkpoint
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)  # as runs do
+    handle = open_model("tiny")
+    path = convert_checkpoint(handle, cache_dir, ffn_chunks=3, vocab_chunk=64, progress=False)
+    with WeightStore(path, verify="off", expect_config=handle.config) as store:
+        layout = ChunkLayout(tuple(store.manifest.ffn_chunk_bounds), tuple(store.manifest.vocab_chunk_bounds))
+        decoder = StagedDecoder(handle.config, store, layout, "atomic", KVLayout("disk", "head_major", 32),
+                                capacity=64, prefill_block=16, prefetch_depth=2, kv_block=32)
+        try:
+            decoder.prefill(list(range(16)))
+            position = [16]
+
+            def batch():
+                for _ in range(steps):
+                    decoder.step(3, position[0] % 48 + 16)
+                    position[0] += 1
+
+            batch()
+            groups = len(decoder.groups)
+            times = _timed(batch, repeats) / (steps * groups)
+        finally:
+            decoder.close()
+    return Measurement.of(times, "s", f"staged executor: an atomic decode step of the tiny preset "
+                          f"({groups} groups, negligible compute), per group, median over {repeats} "
+                          f"batches of {steps} steps", groups=groups)
+
+
 # ---- storage ----------------------------------------------------------------------------------
 
 
@@ -341,7 +380,9 @@ def run_probes(cache_dir: Path, *, quick: bool = False,
                                3 if quick else 5)
     probes["storage_cold"], probes["storage_warm"] = cold, warm
     say("call overhead")
-    probes["call_overhead"] = call_overhead_probe(100, 11 if quick else 21)
+    probes["jit_call_overhead"] = call_overhead_probe(100, 11 if quick else 21)
+    say("executor overhead per group")
+    probes["call_overhead"] = executor_overhead_probe(cache_dir, 20 if quick else 30, 5 if quick else 7)
     return probes
 
 
