@@ -368,6 +368,7 @@ def plan_records(run: ScheduleRun, plan: list[GroupPlan], timeline: dict) -> lis
             raise AssertionError(f"planner and executor disagree on group {row['group_id']}: "
                                  f"{planned.peak_bytes} vs {row['peak_bytes']} bytes")
         row.update(stage_ids=list(planned.stage_ids), flops=planned.flops,
+                   bytes_moved=planned.bytes_moved,
                    predicted_s=planned.predicted_s, predicted_compute_s=planned.compute_s,
                    predicted_load_s=planned.load_s, measured_s=measured.get(row["group_id"]))
     return rows

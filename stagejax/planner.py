@@ -66,6 +66,7 @@ class PlanRow:
     buffer_bytes: int
     peak_bytes: int
     flops: float
+    bytes_moved: float  # weights + KV + activations the group reads and writes (roofline)
     predicted_s: float  # the group's share of the step (separable objective)
     compute_s: float
     load_s: float
@@ -375,7 +376,7 @@ def account(policy: str, groups: Sequence[Group], ctx: PlanContext,
         costs.append(cost)
         rows.append(PlanRow(group.id, group.kind, tuple(s.id for s in group.stages), mem.weight_bytes,
                             mem.activation_bytes, mem.kv_bytes, mem.prefetch_bytes, mem.buffer_bytes,
-                            mem.peak_bytes, cost.flops, objective, compute, load))
+                            mem.peak_bytes, cost.flops, cost.bytes_moved, objective, compute, load))
     pipeline = roofline.predict_step(costs, [streams_weights(g) for g in groups], ctx.device,
                                      prefetch_depth=ctx.prefetch_depth, warm=ctx.warm,
                                      kv_on_disk=ctx.kv_on_disk)

@@ -25,7 +25,8 @@ Definitions (what the numbers mean):
     underprediction can be at most 1, an overprediction is unbounded).
   * a group kind is the set of its stages' kinds in order (`attn_norm`, `ffn_norm` and
     `final_norm` count as `norm`), joined by "+"; a group holding a whole layer is `layer`.
-  * arithmetic intensity = FLOPs / (weight_bytes + kv_bytes + activation_bytes) of the plan row
+  * arithmetic intensity = FLOPs / bytes moved (the plan row's `bytes_moved` from the roofline;
+    older plans: weight_bytes + kv_bytes + activation_bytes, what the group holds)
     (the bytes the group holds while it runs: its weights, the KV it reads, its activations);
     achieved FLOP/s = FLOPs / measured seconds. Groups without FLOPs (Llama's `embed`, a row
     gather) have no place on a log axis and are left off the chart (counted in its title).
@@ -231,7 +232,9 @@ def group_rows(run: Run) -> list[dict]:
         if missing:
             raise ValueError(f"{run.run_dir}/plan.json: group {plan_row.get('group_id', '?')!r} "
                              f"lacks {missing}")
-        bytes_moved = plan_row["weight_bytes"] + plan_row["kv_bytes"] + plan_row["activation_bytes"]
+        # The roofline's bytes moved when the run recorded them; older plans: what the group holds.
+        bytes_moved = plan_row.get("bytes_moved") or (
+            plan_row["weight_bytes"] + plan_row["kv_bytes"] + plan_row["activation_bytes"])
         flops = float(plan_row["flops"])
         measured = plan_row.get("measured_s")
         ratio = _ratio(plan_row["predicted_s"], measured)
