@@ -20,6 +20,7 @@ import numpy as np
 
 from stagejax import measure
 from stagejax.activation_store import ActivationStore
+from stagejax.store.coalesce import CoalescingPrefetcher
 from stagejax.kv_cache import HostKVCache, KVLayout, aligned_empty, stored_kv
 from stagejax.model_config import ModelConfig
 from stagejax.sampling import SamplingConfig, sample_token
@@ -124,6 +125,10 @@ class StagedDecoder:
         # Leaves of one embedding row as stored ("w", or e.g. "w_i4", "w_scale"): read per token.
         self._embed_leaves = tuple(_leaf(k) for k in self.stages[0].weight_keys
                                    if k.startswith("embed/0/"))
+        if groups is not None:  # the caller's stages may list float keys: use the stored ones
+            by_id = {s.id: s for s in self.stages}
+            groups = [dataclasses.replace(g, stages=tuple(by_id[s.id] for s in g.stages))
+                      for g in groups]
         self.groups: list[Group] = list(groups) if groups is not None else group_stages(
             self.stages, policy, config)
         if any(g.kind == "fused" and g.stages[0].kind == "embed" for g in self.groups):
@@ -138,7 +143,8 @@ class StagedDecoder:
         self.flush_points = kv_flush_points(self.groups, config)
         self.prefetch_depth = prefetch_depth
         self._units = [list(g.weight_keys) for g in self.groups if streams_weights(g)]
-        self.prefetcher = store.prefetcher(self._units, prefetch_depth)
+        # Consecutive small units are read together into one slab: fewer thread hand-offs.
+        self.prefetcher = CoalescingPrefetcher(store, self._units, prefetch_depth)
         self._index = [jnp.asarray([stage_index_value(s, layout) for s in g.stages], jnp.int32)
                        for g in self.groups]
         # Per-group facts the hot loop needs, computed once (Group's properties recompute).

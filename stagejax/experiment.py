@@ -225,9 +225,10 @@ def record_timeline(run: ScheduleRun, position: int, token: int) -> dict:
         if loads:
             staged.prefetcher.load_log = None
     streamed = [g for g in staged.groups if streams_weights(g)]
-    return {"groups": records,
-            "loads": [{"group": streamed[unit].id, "start_s": start - origin, "end_s": end - origin,
-                       "bytes": nbytes} for unit, start, end, nbytes in log]}
+    first_unit = getattr(staged.prefetcher, "first_unit_of_read", lambda read: read)
+    return {"groups": records,  # a load names the first group of the units it read together
+            "loads": [{"group": streamed[first_unit(read)].id, "start_s": start - origin,
+                       "end_s": end - origin, "bytes": nbytes} for read, start, end, nbytes in log]}
 
 
 def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = True,

@@ -140,6 +140,7 @@ class HostKVCache:
         # The last block read, still in its buffer: GQA heads of one kv group attend the same
         # block one after another (atomic: 3 heads per group on SmolLM2), so they share a read.
         self._last_read: tuple | None = None
+        self._read_plans: dict[tuple, tuple] = {}
         self.reads_reused = 0
         self._tmpdir = None
         # Lossy dtypes quantize in XLA with the very function attention's round trip uses.
@@ -282,17 +283,13 @@ class HostKVCache:
             if self.layout.location == "ram":
                 part = source[layer][first:first + n_read, group_slice]
             else:
-                shape = self.specs(n_groups, rows)[which].shape
-                part = self._buffer(shape, dtype, which)
-                block_shape = self.block_shape if which == 0 else self.scale_block_shape
-                block_items = int(np.prod(block_shape))
+                part, block_bytes, group_bytes = self._read_plan(n_groups, rows, which, dtype)
                 if self.layout.order == "head_major" and n_groups != self.config.n_kv_heads:
-                    group_items = block_items // self.config.n_kv_heads
                     for i in range(n_read):
-                        offset = ((first + i) * block_items + first_group * group_items) * dtype.itemsize
-                        self._pread(source[layer], part[i], offset)
+                        self._pread(source[layer], part[i],
+                                    (first + i) * block_bytes + first_group * group_bytes)
                 else:  # whole blocks: one contiguous run
-                    self._pread(source[layer], part, first * block_items * dtype.itemsize)
+                    self._pread(source[layer], part, first * block_bytes)
             out.append(part)
         self.bytes_read += sum(p.nbytes for p in out)
         out = tuple(out)
@@ -319,6 +316,19 @@ class HostKVCache:
             out.append(part)
             self.bytes_read += part[:n_read].nbytes
         return tuple(out)
+
+    def _read_plan(self, n_groups: int, rows: int, which: int, dtype) -> tuple:
+        """(buffer, stored bytes per block, per kv group in a block) of a read shape; cached:
+        the hot loop reads the same few shapes thousands of times a step."""
+        key = (n_groups, rows, which)
+        plan = self._read_plans.get(key)
+        if plan is None:
+            shape = self.specs(n_groups, rows)[which].shape
+            block_shape = self.block_shape if which == 0 else self.scale_block_shape
+            block_bytes = int(np.prod(block_shape)) * np.dtype(dtype).itemsize
+            plan = (self._buffer(shape, dtype, which), block_bytes, block_bytes // self.config.n_kv_heads)
+            self._read_plans[key] = plan
+        return plan
 
     def _buffer(self, shape, dtype, which: int) -> np.ndarray:
         key = (tuple(shape), np.dtype(dtype).str, which)
