@@ -20,6 +20,7 @@ import numpy as np
 
 from stagejax import measure
 from stagejax.activation_store import ActivationStore
+from stagejax.quant import largest_dequantized_bytes
 from stagejax.store.coalesce import CoalescingPrefetcher
 from stagejax.kv_cache import HostKVCache, KVLayout, aligned_empty, stored_kv
 from stagejax.model_config import ModelConfig
@@ -306,7 +307,8 @@ class StagedDecoder:
         return plan_groups(self.groups, self.config, self.store.nbytes, tokens, self.prefetch_depth,
                            lambda n_groups: self.cache.block_bytes(n_groups, self.kv_block),
                            self.cache.layer_bytes(),
-                           getattr(self.prefetcher, "slab_bytes", 0))
+                           getattr(self.prefetcher, "slab_bytes", 0),
+                           lambda keys: largest_dequantized_bytes(keys, self.store.manifest.arrays))
 
     # ---- running ---------------------------------------------------------------------------
 

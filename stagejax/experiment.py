@@ -33,6 +33,7 @@ from stagejax.executor import StagedDecoder
 from stagejax.devices import device_from_settings
 from stagejax.kv_cache import KVLayout, cache_capacity, read_bytes as kv_read_bytes, stored_row_bytes
 from stagejax.planner import PlanContext, make_plan
+from stagejax.quant import largest_dequantized_bytes
 from stagejax.loading import open_model, release_freed_memory, use_one_malloc_arena
 from stagejax.evaluation import perplexity_llama_cpp, perplexity_strided
 from stagejax.results import atomic_write_json
@@ -41,6 +42,7 @@ from stagejax.scheduler import GroupPlan, streams_weights
 from stagejax.settings import RunSettings
 from stagejax.stages import ChunkLayout, build_stages
 from stagejax.store import WeightStore, assemble_params, convert_checkpoint
+from stagejax.store.layout import params_spec
 from stagejax.store.weight_store import ALIGN_BYTES
 
 
@@ -58,7 +60,8 @@ def plan_context(settings: RunSettings, config, layout: ChunkLayout, store: Weig
         kv_layer_bytes=rows * stored_row_bytes(config, kv_layout, config.n_kv_heads),
         prefetch_depth=schedule.prefetch_depth, device=device, kv_len=capacity, kv_block=kv_block,
         kv_bits=stored_row_bytes(config, kv_layout, 1) * 8 / (2 * config.head_dim),
-        kv_on_disk=kv_layout.location == "disk")
+        kv_on_disk=kv_layout.location == "disk",
+        dequant_bytes_of=lambda keys: largest_dequantized_bytes(keys, arrays))
 
 
 def cache_option(settings: RunSettings) -> str:
@@ -89,7 +92,8 @@ class ScheduleRun:
         self.config = config
         start = time.perf_counter()
         if self.policy == "model":
-            self.params_spec = handle.abstract_params()
+            # The stored arrays' shapes: quantized matrices stay quantized (stagejax.quant).
+            self.params_spec = params_spec(manifest)
             kv_dtype = settings.cache.dtype  # the resident cache is float32; a lossy dtype is emulated
             self.decoder = decoder_for(config, self.params_spec, prompt_len,
                                        settings.decode.max_new_tokens + 1, sampling, kv_dtype)
@@ -114,7 +118,7 @@ class ScheduleRun:
                                                 capacity, device_from_settings(settings.device,
                                                                                settings.paths.cache))
             budget = None if schedule.budget_mb is None else int(schedule.budget_mb * 2**20)
-            self.planned = make_plan(build_stages(config, self.layout), self.policy,
+            self.planned = make_plan(build_stages(config, self.layout, manifest.arrays), self.policy,
                                      self.planner_context, budget)
             self.staged = StagedDecoder(
                 config, store, self.layout, self.policy, kv_layout,
@@ -138,7 +142,9 @@ class ScheduleRun:
         arrays = self.store.read(keys)
         params = assemble_params(arrays, self.config, list(self.layout.ffn_bounds),
                                  list(self.layout.vocab_bounds))
-        self.params = jax.tree_util.tree_map(lambda a: jnp.array(a, jnp.float32), params)
+        # Own copies in the stored dtypes (the buffers go back to the pool); a quantized
+        # matrix is dequantized inside the step's jit, not here.
+        self.params = jax.tree_util.tree_map(jnp.array, params)
         jax.block_until_ready(self.params)
         self.warmup_s = self.decoder.warm_up(self.params)
         self.store.release(arrays)
@@ -164,7 +170,8 @@ class ScheduleRun:
             return self.staged.plan()
         # model: every weight resident, the whole KV cache in RAM, one step's activations.
         c = self.config
-        weights = sum(int(np.prod(s.shape)) * 4 for s in jax.tree_util.tree_leaves(self.params_spec))
+        weights = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize
+                      for s in jax.tree_util.tree_leaves(self.params_spec))
         kv = 2 * c.n_layers * self.decoder.cache_len * c.n_kv_heads * c.head_dim * 4
         activations = 4 * (4 * c.d_model + 2 * c.n_heads * c.head_dim + c.ffn_dim * 3 + c.vocab_size)
         return [GroupPlan("model", "fused", self.n_stages, weights, activations, kv, 0)]

@@ -138,6 +138,7 @@ class PlanContext:
     kv_on_disk: bool = True
     warm: bool = True
     tokens: int = 1
+    dequant_bytes_of: Callable[[Sequence[str]], int] | None = None  # quantized checkpoints
 
     def __post_init__(self):
         self._time_cache: dict[tuple, tuple[float, float, float]] = {}
@@ -147,7 +148,8 @@ class PlanContext:
     def fixed_bytes(self, group: Group) -> int:
         """Activation + KV bytes a group holds (everything but weights and slabs)."""
         return (activation_bytes(group, self.config, self.tokens)
-                + kv_read_bytes(group, self.config, self.kv_block_bytes, self.kv_layer_bytes))
+                + kv_read_bytes(group, self.config, self.kv_block_bytes, self.kv_layer_bytes)
+                + (self.dequant_bytes_of(group.weight_keys) if self.dequant_bytes_of else 0))
 
     def peak(self, group: Group, slab: int) -> int:
         """The group's budget accounting with slabs of `slab` bytes (as `plan_groups`)."""
@@ -368,7 +370,7 @@ def account(policy: str, groups: Sequence[Group], ctx: PlanContext,
     slab = max((ctx.unit_bytes(g) for g in groups), default=0)
     memory: list[GroupPlan] = plan_groups(groups, ctx.config, ctx.stored_bytes, ctx.tokens,
                                           ctx.prefetch_depth, ctx.kv_block_bytes, ctx.kv_layer_bytes,
-                                          slab)
+                                          slab, ctx.dequant_bytes_of)
     rows, costs = [], []
     for group, mem in zip(groups, memory):
         objective, compute, load = ctx.time(group)

@@ -139,11 +139,12 @@ class GroupPlan:
     kv_bytes: int
     prefetch_bytes: int  # buffers of the units read ahead
     buffer_bytes: int = 0  # the buffer holding its weights (a slab: >= weight_bytes), 0 = weight_bytes
+    dequant_bytes: int = 0  # float32 temporary of its largest quantized matrix, dequantized in-jit
 
     @property
     def peak_bytes(self) -> int:
         return (max(self.weight_bytes, self.buffer_bytes) + self.activation_bytes + self.kv_bytes
-                + self.prefetch_bytes)
+                + self.prefetch_bytes + self.dequant_bytes)
 
 
 def activation_bytes(group: Group, config: ModelConfig, tokens: int) -> int:
@@ -166,11 +167,12 @@ def kv_read_bytes(group: Group, config: ModelConfig, kv_block_bytes, layer_past_
 
 def plan_groups(groups: Sequence[Group], config: ModelConfig, weight_bytes_of, tokens: int,
                 prefetch_depth: int, kv_block_bytes, layer_past_bytes: int,
-                slab_bytes: int = 0) -> list[GroupPlan]:
+                slab_bytes: int = 0, dequant_bytes_of=None) -> list[GroupPlan]:
     """Memory accounting of every group (design §5): `weight_bytes_of(keys)` gives stored
     bytes; the embed group holds only its tokens' rows. With `slab_bytes` (the prefetcher
     reads every unit into one of depth + 1 slabs of that size), a streamed group's weights
-    occupy a slab and each unit in flight another."""
+    occupy a slab and each unit in flight another. `dequant_bytes_of(keys)`: the float32
+    temporary of a group's largest quantized matrix (quantized checkpoints)."""
     streamed = [weight_bytes_of(g.weight_keys) if streams_weights(g) else 0 for g in groups]
     units = [i for i, g in enumerate(groups) if streams_weights(g)]
     rows = []
@@ -193,5 +195,5 @@ def plan_groups(groups: Sequence[Group], config: ModelConfig, weight_bytes_of, t
         rows.append(GroupPlan(group.id, group.kind, len(group.stages), w,
                               activation_bytes(group, config, tokens),
                               kv_read_bytes(group, config, kv_block_bytes, layer_past_bytes), ahead,
-                              buffer))
+                              buffer, dequant_bytes_of(group.weight_keys) if dequant_bytes_of else 0))
     return rows

@@ -161,7 +161,7 @@ def _norm(config, x, weights):
 
 def _project_head(config, state, weights, ctx, index, target, rope: bool):
     """One head's (or kv group's) projection, written into state[target][:, :, index]."""
-    y = jnp.einsum("BTD,DH->BTH", state["h"], quant.matrix(weights, "w"))
+    y = jnp.einsum("BTD,DH->BTH", state["h"], quant.matrix(weights, "w", after=state["h"]))
     if "b" in weights:
         y = y + weights["b"]
     y_BT1H = y[:, :, None, :]
@@ -262,7 +262,8 @@ def attn_fn(config, state, weights, ctx, index):
 
 
 def o_fn(config, state, weights, ctx, index):
-    w_NHD = quant.matrix(weights, "w").reshape(config.n_heads, config.head_dim, config.d_model)
+    w_NHD = quant.matrix(weights, "w", after=state["attn"]).reshape(
+        config.n_heads, config.head_dim, config.d_model)
     y = jnp.einsum("BTNH,NHD->BTD", state["attn"], w_NHD)
     if "b" in weights:
         y = y + weights["b"]
@@ -275,11 +276,12 @@ def ffn_norm_fn(config, state, weights, ctx, index):
 
 def ffn_fn(config, state, weights, ctx, index):
     """One FFN chunk, added to the residual: the chunks' contributions sum to the full FFN."""
-    up, down = quant.matrix(weights, "up"), quant.matrix(weights, "down")
+    h = state["h"]
+    up, down = quant.matrix(weights, "up", after=h), quant.matrix(weights, "down", after=h)
     if config.family == "llama":
-        y = ops.swiglu(state["h"], quant.matrix(weights, "gate"), up, down)
+        y = ops.swiglu(h, quant.matrix(weights, "gate", after=h), up, down)
     else:
-        y = ops.gelu_mlp(state["h"], up, weights["up_b"], down)
+        y = ops.gelu_mlp(h, up, weights["up_b"], down)
         if "down_b" in weights:
             y = y + weights["down_b"]
     return {**state, "x": state["x"] + y}
@@ -292,7 +294,7 @@ def final_norm_fn(config, state, weights, ctx, index):
 def _head_logits(config, h_TD, weights):
     if config.tie_embeddings and "w" in weights:  # float32 embedding rows [rows, D]
         return jnp.einsum("TD,VD->TV", h_TD, weights["w"])
-    return jnp.einsum("TD,DV->TV", h_TD, quant.matrix(weights, "w"))  # [D, rows] (dequantized)
+    return jnp.einsum("TD,DV->TV", h_TD, quant.matrix(weights, "w", after=h_TD))  # [D, rows]
 
 
 def head_fn(config, state, weights, ctx, index):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from stagejax import ops
 from stagejax.model_config import ModelConfig
-from stagejax.models.layers import INIT_STDDEV, Einsum, Norm
+from stagejax.models.layers import INIT_STDDEV, Einsum, Embed, Norm
 
 KVCache = tuple  # tuple[tuple[k_BSKH, v_BSKH], ...] one pair per layer
 
@@ -81,10 +81,11 @@ class Block(nn.Module):
 
         h_BTD = self.ffn_norm(x_BTD)
         if c.family == "llama":
-            x_BTD = x_BTD + ops.swiglu(h_BTD, self.gate.kernel(), self.up.kernel(), self.down.kernel())
+            x_BTD = x_BTD + ops.swiglu(h_BTD, self.gate.kernel(h_BTD), self.up.kernel(h_BTD),
+                                       self.down.kernel(h_BTD))
         else:
-            x_BTD = x_BTD + ops.gelu_mlp(h_BTD, self.up.kernel(), self.up.bias(),
-                                         self.down.kernel()) + self.down.bias()
+            x_BTD = x_BTD + ops.gelu_mlp(h_BTD, self.up.kernel(h_BTD), self.up.bias(),
+                                         self.down.kernel(h_BTD)) + self.down.bias()
         return x_BTD, kv
 
 
@@ -96,7 +97,7 @@ class Decoder(nn.Module):
 
     def setup(self):
         c = self.config
-        self.embed = nn.Embed(c.vocab_size, c.d_model, embedding_init=nn.initializers.normal(INIT_STDDEV))
+        self.embed = Embed(c.vocab_size, c.d_model)
         if c.family == "gpt2":
             self.pos_embed = nn.Embed(c.max_seq_len, c.d_model,
                                       embedding_init=nn.initializers.normal(INIT_STDDEV))

@@ -26,11 +26,13 @@ from typing import Optional
 
 import numpy as np
 
+from stagejax import quant as quantization
 from stagejax.loading import ModelHandle, open_model
 from stagejax.model_config import ModelConfig
 from stagejax.settings import ModelSettings, PathSettings, QuantSettings
 from stagejax.store.layout import (QUANT_SCHEMES, ffn_chunk_bounds, flatten, nest,
-                                   normalize_vocab_chunk, shard_arrays, vocab_chunk_bounds)
+                                   normalize_vocab_chunk, shard_arrays, stored_arrays,
+                                   vocab_chunk_bounds)
 from stagejax.store.manifest import (DEFAULT_CHECKSUM, FORMAT_VERSION, MANIFEST_FILE,
                                      TOKENIZER_FILE, ArrayInfo, CheckpointError, Manifest,
                                      checksum_function)
@@ -60,6 +62,10 @@ def conversion_params(config: ModelConfig, ffn_chunks: int = 1, vocab_chunk: int
         raise ValueError(f"quant={quant!r} is not one of: {', '.join(QUANT_SCHEMES)}")
     if not isinstance(ffn_chunks, int) or not 1 <= ffn_chunks <= config.ffn_dim:
         raise ValueError(f"ffn_chunks must be an int in [1, {config.ffn_dim}], got {ffn_chunks!r}")
+    # Group sizes must divide every weight's input dimension (design §6): refused here, before
+    # anything is read. gguf_native's blocks are checked when the FFN is cut (their types are
+    # only known from the file).
+    quantization.check_scheme(quant, config, ffn_chunk_bounds(config.ffn_dim, ffn_chunks))
     if checksum_block_bytes <= 0:
         raise ValueError(f"checksum_block_bytes must be positive, got {checksum_block_bytes}")
     return {"ffn_chunks": int(ffn_chunks),
@@ -74,6 +80,16 @@ def checkpoint_hash(source_sha256: str, conversion: dict) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:HASH_CHARS]
 
 
+def check_source(handle: ModelHandle, quant: str) -> None:
+    """Refuse a scheme the model's source cannot give: gguf_native needs a GGUF file."""
+    if quant == "gguf_native" and handle.source_format != "gguf":
+        raise quantization.QuantError(
+            f"quant=gguf_native keeps a GGUF file's own quantized blocks, but model "
+            f"{handle.name!r} comes from {handle.source_format!r} weights"
+            f"{' (' + handle.source_path + ')' if handle.source_path else ''}; use quant=none, "
+            "int8, int4_g32, int4_g64 or int4_g32_asym, or give a GGUF file (model.path=...)")
+
+
 class _Source:
     """The model's weights and their identity, each computed at most once."""
 
@@ -83,10 +99,18 @@ class _Source:
         self._identity = None
 
     def params(self) -> dict:
+        """The float32 parameters, flat."""
         if self._params is None:
             self._params = flatten(self.handle.load_params())
             self._params = {k: np.asarray(v) for k, v in self._params.items()}
         return self._params
+
+    def stored_params(self, quant: str) -> dict:
+        """The parameters as `quant` stores them (nested; matrices may be `QuantizedMatrix`)."""
+        if quant == "gguf_native":
+            check_source(self.handle, quant)
+            return quantization.gguf_native_params(self.handle.source_path, self.handle.config)
+        return quantization.quantize_params(nest(self.params()), quant)
 
     def identity(self) -> dict:
         """format, path and sha256 of the source (random: of the generated parameters)."""
@@ -142,6 +166,7 @@ def checkpoint_path(handle: ModelHandle, cache_dir: str | os.PathLike | None = N
     """
     conversion = conversion_params(handle.config, ffn_chunks, vocab_chunk, quant,
                                    checksum_block_bytes, checksum)
+    check_source(handle, quant)
     return _final_path(handle, _Source(handle).identity(), conversion, cache_dir)
 
 
@@ -162,7 +187,8 @@ def convert_checkpoint(handle: ModelHandle, cache_dir: str | os.PathLike | None 
       cache_dir: `paths.cache`; None: `$STAGEJAX_CACHE` or `~/.cache/stagejax`.
       ffn_chunks: FFN chunks per layer (`np.array_split` of the intermediate dimension).
       vocab_chunk: rows per vocabulary chunk of the embedding / LM head; None or 0: one chunk.
-      quant: storage scheme of `stagejax.store.layout.QUANT_SCHEMES` ("none": float32).
+      quant: storage scheme, one of `stagejax.quant.SCHEMES` ("none": float32; see
+        `stagejax.quant` for the others and their stored arrays).
       progress: show a tqdm progress bar.
       checksum_block_bytes: bytes per checksum block (rounded to whole rows of axis 0).
       checksum: "xxh3_64" (fast; needs xxhash) or "crc32" (zlib).
@@ -171,6 +197,7 @@ def convert_checkpoint(handle: ModelHandle, cache_dir: str | os.PathLike | None 
     """
     conversion = conversion_params(handle.config, ffn_chunks, vocab_chunk, quant,
                                    checksum_block_bytes, checksum)
+    check_source(handle, quant)
     source = _Source(handle)
     final = _final_path(handle, source.identity(), conversion, cache_dir)
     if (final / MANIFEST_FILE).is_file():
@@ -180,8 +207,8 @@ def convert_checkpoint(handle: ModelHandle, cache_dir: str | os.PathLike | None 
     tmp_root = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
         staged = tmp_root / "checkpoint"
-        write_checkpoint(staged, handle.name, handle.config, handle.tokenizer, source.params(),
-                         source.identity(), conversion, progress)
+        write_checkpoint(staged, handle.name, handle.config, handle.tokenizer,
+                         source.stored_params(quant), source.identity(), conversion, progress)
         try:
             os.rename(staged, final)
         except OSError:
@@ -195,7 +222,8 @@ def convert_checkpoint(handle: ModelHandle, cache_dir: str | os.PathLike | None 
 def write_checkpoint(directory: Path, model_name: str, config: ModelConfig, tokenizer,
                      params: dict, source: dict, conversion: dict,
                      progress: bool = True) -> Manifest:
-    """Write the checkpoint into `directory` (which must not exist). `params`: flat or nested."""
+    """Write the checkpoint into `directory` (which must not exist). `params`: flat or nested,
+    float32 or already quantized as `conversion["quant"]` stores it (`_Source.stored_params`)."""
     import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
 
@@ -205,16 +233,15 @@ def write_checkpoint(directory: Path, model_name: str, config: ModelConfig, toke
     nested_params = nest(params)
     ffn_bounds = ffn_chunk_bounds(config.ffn_dim, conversion["ffn_chunks"])
     vocab_bounds = vocab_chunk_bounds(config.vocab_size, conversion["vocab_chunk"])
-    scheme = QUANT_SCHEMES[conversion["quant"]]
-    total_bytes = sum(int(np.asarray(v).nbytes) for v in params.values())
+    total_bytes = sum(v.nbytes if isinstance(v, quantization.QuantizedMatrix)
+                      else int(np.asarray(v).nbytes) for v in params.values())
     bar = tqdm(total=3 * total_bytes, unit="B", unit_scale=True, disable=not progress,
                desc=f"convert {model_name}: split")
     stored: dict[str, np.ndarray] = {}
-    for key, array in shard_arrays(nested_params, config, ffn_bounds, vocab_bounds):
-        group, leaf = key.rsplit("/", 1)
-        for leaf_name, value in scheme(leaf, array).items():
-            stored[f"{group}/{leaf_name}"] = np.ascontiguousarray(value)
-        bar.update(array.nbytes)
+    for key, value in shard_arrays(nested_params, config, ffn_bounds, vocab_bounds):
+        arrays = stored_arrays(key, value)
+        stored.update(arrays)
+        bar.update(sum(a.nbytes for a in arrays.values()))
 
     bar.set_description(f"convert {model_name}: orbax save")
     # No OCDBT, no compression, zarr v2: one raw C-order chunk file per array, read directly.
@@ -310,8 +337,8 @@ class ConvertSettings:
         if self.vocab_chunk is not None and self.vocab_chunk < 0:
             raise ValueError(f"vocab_chunk must be >= 0 or null, got {self.vocab_chunk}")
         if self.quant.scheme not in QUANT_SCHEMES:
-            raise ValueError(f"quant.scheme={self.quant.scheme!r} cannot be converted yet "
-                             f"(converter schemes: {', '.join(QUANT_SCHEMES)})")
+            raise ValueError(f"quant.scheme={self.quant.scheme!r} is not one of: "
+                             f"{', '.join(QUANT_SCHEMES)}")
 
 
 def convert_from_settings(settings: ConvertSettings) -> Path:

@@ -22,28 +22,28 @@ each (the last may be shorter). Both bound lists are recorded in the manifest.
 Arrays are listed in stage order (design §3): embed, pos_embed, per layer attn_norm, q heads,
 k groups, v groups, o, ffn_norm, FFN chunks; final_norm, head chunks.
 
-Quantization hook: a scheme maps one float32 leaf to the leaves stored for it. "none" stores the
-leaf as float32; a later scheme can return e.g. {"w": packed, "w_scale": ..., "w_zero": ...} for
-a matrix and keep norms in float32. The parameter layout itself does not change.
+Quantization (`stagejax.quant`): a quantized matrix is stored as several arrays beside each
+other, named after its float leaf: `L{i}/q/{h}/w_i4` + `L{i}/q/{h}/w_scale` (+ `w_zero`),
+`L{i}/ffn/{c}/gate_q4_1`, ... Matrices are sliced *after* quantization — heads and chunks of
+output channels, FFN chunks of `down` along whole input groups — so every shard's scales are
+those of the full matrix. Embedding rows are stored out-major (one row per token); with a tied
+head in an input-major format, `head/{c}/w_*` holds the head's copy (see `stagejax.quant`).
+Norms, biases and GPT-2's position embedding stay float32.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from stagejax.model_config import ModelConfig
+from stagejax.quant import SCHEMES as QUANT_SCHEMES
+from stagejax.quant import QuantizedMatrix, stored_tag
 
-# One float32 leaf in, the stored leaves out: {leaf name: array}.
-QuantScheme = Callable[[str, np.ndarray], dict[str, np.ndarray]]
-
-
-def _store_float32(leaf: str, w: np.ndarray) -> dict[str, np.ndarray]:
-    return {leaf: np.ascontiguousarray(w, dtype=np.float32)}
-
-
-QUANT_SCHEMES: dict[str, QuantScheme] = {"none": _store_float32}
+__all__ = ["QUANT_SCHEMES", "assemble_params", "ffn_chunk_bounds", "flatten", "nest",
+           "normalize_vocab_chunk", "params_spec", "shard_arrays", "stored_arrays",
+           "vocab_chunk_bounds"]
 
 
 def ffn_chunk_bounds(ffn_dim: int, ffn_chunks: int) -> list[int]:
@@ -76,51 +76,85 @@ def _chunks(bounds: list[int]) -> Iterator[tuple[int, int, int]]:
 
 
 def shard_arrays(params: dict, config: ModelConfig, ffn_bounds: list[int],
-                 vocab_bounds: list[int]) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, float32 array) of every stage shard, in stage order, from `Decoder` parameters.
+                 vocab_bounds: list[int]) -> Iterator[tuple[str, "np.ndarray | QuantizedMatrix"]]:
+    """(float key, value) of every stage shard, in stage order, from `Decoder` parameters.
 
     Args:
-      params: the `Decoder` parameter tree (numpy or JAX arrays; see `stagejax.models.decoder`).
-    Yields arrays that are views where the source is already contiguous; the caller copies.
+      params: the `Decoder` parameter tree (numpy or JAX arrays; see `stagejax.models.decoder`),
+        its matrices possibly `QuantizedMatrix` (from `stagejax.quant.quantize_params`).
+    Yields float arrays (views where the source is already contiguous; the caller copies) or
+    `QuantizedMatrix` slices; `stored_arrays` turns either into the arrays to save.
     """
     gpt2 = config.family == "gpt2"
-    P = lambda *path: np.asarray(_get(params, path))  # noqa: E731
+    P = lambda *path: _get(params, path)  # noqa: E731
+    F = lambda *path: np.asarray(_get(params, path))  # noqa: E731  float leaves
+    H = config.head_dim
 
-    embedding_VD = P("embed", "embedding")
+    embedding = P("embed", "embedding")
+    quantized_embedding = isinstance(embedding, QuantizedMatrix)
+    if not quantized_embedding:
+        embedding = np.asarray(embedding)
     for c, v0, v1 in _chunks(vocab_bounds):
-        yield f"embed/{c}/w", embedding_VD[v0:v1]
+        yield f"embed/{c}/w", (embedding.slice_out(v0, v1) if quantized_embedding
+                               else embedding[v0:v1])
     if gpt2:
-        yield "pos_embed/w", P("pos_embed", "embedding")
+        yield "pos_embed/w", F("pos_embed", "embedding")
     for i in range(config.n_layers):
         L = f"L{i}"
         yield from _norm(params, L, "attn_norm", gpt2)
         for name, n in (("q", config.n_heads), ("k", config.n_kv_heads), ("v", config.n_kv_heads)):
-            kernel_DNH = P(L, name, "kernel")
-            bias_NH = P(L, name, "bias") if gpt2 else None
+            kernel = P(L, name, "kernel")
+            bias_NH = F(L, name, "bias") if gpt2 else None
             for h in range(n):
-                yield f"{L}/{name}/{h}/w", kernel_DNH[:, h, :]
+                yield f"{L}/{name}/{h}/w", (kernel.slice_out(h * H, (h + 1) * H)
+                                            if isinstance(kernel, QuantizedMatrix)
+                                            else np.asarray(kernel)[:, h, :])
                 if gpt2:
                     yield f"{L}/{name}/{h}/b", bias_NH[h]
-        yield f"{L}/o/w", P(L, "o", "kernel")
+        o = P(L, "o", "kernel")
+        yield f"{L}/o/w", o if isinstance(o, QuantizedMatrix) else np.asarray(o)
         if gpt2:
-            yield f"{L}/o/b", P(L, "o", "bias")
+            yield f"{L}/o/b", F(L, "o", "bias")
         yield from _norm(params, L, "ffn_norm", gpt2)
-        up_DF, down_FD = P(L, "up", "kernel"), P(L, "down", "kernel")
-        gate_DF = None if gpt2 else P(L, "gate", "kernel")
+        up, down = P(L, "up", "kernel"), P(L, "down", "kernel")
+        gate = None if gpt2 else P(L, "gate", "kernel")
         for c, f0, f1 in _chunks(ffn_bounds):
             if not gpt2:
-                yield f"{L}/ffn/{c}/gate", gate_DF[:, f0:f1]
-            yield f"{L}/ffn/{c}/up", up_DF[:, f0:f1]
+                yield f"{L}/ffn/{c}/gate", _columns(gate, f0, f1)
+            yield f"{L}/ffn/{c}/up", _columns(up, f0, f1)
             if gpt2:
-                yield f"{L}/ffn/{c}/up_b", P(L, "up", "bias")[f0:f1]
-            yield f"{L}/ffn/{c}/down", down_FD[f0:f1]
+                yield f"{L}/ffn/{c}/up_b", F(L, "up", "bias")[f0:f1]
+            yield f"{L}/ffn/{c}/down", (down.slice_in(f0, f1, f"{L}/ffn/{c}/down")
+                                        if isinstance(down, QuantizedMatrix)
+                                        else np.asarray(down)[f0:f1])
             if gpt2 and c == 0:
-                yield f"{L}/ffn/0/down_b", P(L, "down", "bias")
+                yield f"{L}/ffn/0/down_b", F(L, "down", "bias")
     yield from _norm(params, None, "final_norm", gpt2)
     if not config.tie_embeddings:
-        head_DV = P("head", "kernel")
+        head = P("head", "kernel")
         for c, v0, v1 in _chunks(vocab_bounds):
-            yield f"head/{c}/w", head_DV[:, v0:v1]
+            yield f"head/{c}/w", _columns(head, v0, v1)
+    elif quantized_embedding and not embedding.out_major:
+        # The tied head's copy in the input-major layout its matvec needs (stagejax.quant).
+        for c, v0, v1 in _chunks(vocab_bounds):
+            yield f"head/{c}/w", embedding.slice_out(v0, v1)
+
+
+def _columns(kernel, start: int, stop: int):
+    """Output columns [start, stop) of an [in, out] kernel, float or quantized."""
+    if isinstance(kernel, QuantizedMatrix):
+        return kernel.slice_out(start, stop)
+    return np.asarray(kernel)[:, start:stop]
+
+
+def stored_arrays(key: str, value) -> dict[str, np.ndarray]:
+    """The arrays saved for one shard of `shard_arrays`: {stored key: C-contiguous array}.
+    Float leaves are stored as float32; embedding rows of a quantized matrix out-major."""
+    if isinstance(value, QuantizedMatrix):
+        group, leaf = key.rsplit("/", 1)
+        stored = value.stored(leaf, rows=key.startswith("embed/"))
+        return {f"{group}/{name}": np.ascontiguousarray(a) for name, a in stored.items()}
+    return {key: np.ascontiguousarray(value, dtype=np.float32)}
 
 
 def _norm(params, layer: str | None, name: str, gpt2: bool):
@@ -138,16 +172,26 @@ def _get(tree: dict, path: tuple[str, ...]):
     return node
 
 
-def assemble_params(arrays: dict[str, np.ndarray], config: ModelConfig, ffn_bounds: list[int],
+def assemble_params(arrays: dict, config: ModelConfig, ffn_bounds: list[int],
                     vocab_bounds: list[int]) -> dict:
-    """The inverse of `shard_arrays`: the `Decoder` parameter tree (numpy float32) from shards.
+    """The inverse of `shard_arrays`: the `Decoder` parameter tree from stored shards.
 
-    Used to load every weight at once (the `model` schedule) and to prove the round trip exact.
+    Float shards give float32 arrays; quantized ones give `QuantizedMatrix` leaves holding the
+    stored bytes (joined, never dequantized), so the `model` schedule runs the same stored
+    weights as the staged ones, dequantized inside its jit. `arrays` may be numpy (loading) or
+    JAX values (`params_spec` traces it for shapes). The tied embedding of an input-major format
+    is assembled from the head's copy (`head/{c}`), which serves lookups and the head alike.
     """
     gpt2 = config.family == "gpt2"
     A = arrays.__getitem__
     n_vocab = len(vocab_bounds) - 1
     n_ffn = len(ffn_bounds) - 1
+    xp = np if isinstance(next(iter(arrays.values())), np.ndarray) else _jnp()
+
+    def load(key: str, rows: bool = False):
+        if key in arrays:
+            return arrays[key]
+        return QuantizedMatrix.from_stored(key, arrays, rows=rows)
 
     def norm(prefix: str) -> dict:
         out = {"scale": A(f"{prefix}/w")}
@@ -155,20 +199,32 @@ def assemble_params(arrays: dict[str, np.ndarray], config: ModelConfig, ffn_boun
             out["bias"] = A(f"{prefix}/b")
         return out
 
-    def cat(key: str, n: int, axis: int = 0) -> np.ndarray:  # key has {c} for the chunk
-        return np.concatenate([A(key.format(c=c)) for c in range(n)], axis=axis)
+    def cat(key: str, n: int, axis: int = 0, rows: bool = False):  # key has {c} for the chunk
+        parts = [load(key.format(c=c), rows) for c in range(n)]
+        if isinstance(parts[0], QuantizedMatrix):
+            # float axis 1 (of [in, out]) is a quantized matrix's output axis; axis 0 its input
+            # axis, except for embedding rows ([V, D]: rows are outputs).
+            join = QuantizedMatrix.concat_out if axis == 1 or rows else QuantizedMatrix.concat_in
+            return join(parts)
+        return xp.concatenate(parts, axis=axis)
 
-    params: dict = {"embed": {"embedding": cat("embed/{c}/w", n_vocab)}}
+    head_copy = config.tie_embeddings and stored_tag("head/0/w", arrays) is not None
+    embedding = (cat("head/{c}/w", n_vocab, axis=1) if head_copy
+                 else cat("embed/{c}/w", n_vocab, rows=True))
+    params: dict = {"embed": {"embedding": embedding}}
     if gpt2:
         params["pos_embed"] = {"embedding": A("pos_embed/w")}
     for i in range(config.n_layers):
         L = f"L{i}"
         layer: dict = {"attn_norm": norm(f"{L}/attn_norm"), "ffn_norm": norm(f"{L}/ffn_norm")}
         for name, n in (("q", config.n_heads), ("k", config.n_kv_heads), ("v", config.n_kv_heads)):
-            layer[name] = {"kernel": np.stack([A(f"{L}/{name}/{h}/w") for h in range(n)], axis=1)}
+            heads = [load(f"{L}/{name}/{h}/w") for h in range(n)]
+            layer[name] = {"kernel": (QuantizedMatrix.concat_out(heads)
+                                      if isinstance(heads[0], QuantizedMatrix)
+                                      else xp.stack(heads, axis=1))}
             if gpt2:
-                layer[name]["bias"] = np.stack([A(f"{L}/{name}/{h}/b") for h in range(n)])
-        layer["o"] = {"kernel": A(f"{L}/o/w")}
+                layer[name]["bias"] = xp.stack([A(f"{L}/{name}/{h}/b") for h in range(n)])
+        layer["o"] = {"kernel": load(f"{L}/o/w")}
         if gpt2:
             layer["o"]["bias"] = A(f"{L}/o/b")
         if not gpt2:
@@ -183,6 +239,24 @@ def assemble_params(arrays: dict[str, np.ndarray], config: ModelConfig, ffn_boun
     if not config.tie_embeddings:
         params["head"] = {"kernel": cat("head/{c}/w", n_vocab, axis=1)}
     return params
+
+
+def _jnp():
+    import jax.numpy as jnp
+
+    return jnp
+
+
+def params_spec(manifest) -> dict:
+    """Shapes and dtypes (`jax.ShapeDtypeStruct`) of `assemble_params` over a checkpoint's
+    arrays, without reading them: what the `model` schedule compiles for."""
+    import jax
+
+    specs = {key: jax.ShapeDtypeStruct(info.shape, np.dtype(info.dtype))
+             for key, info in manifest.arrays.items()}
+    return jax.eval_shape(lambda arrays: assemble_params(
+        arrays, manifest.config, list(manifest.ffn_chunk_bounds),
+        list(manifest.vocab_chunk_bounds)), specs)
 
 
 def nest(flat: dict[str, np.ndarray]) -> dict:
