@@ -32,7 +32,7 @@ from stagejax.decode import (MonolithicSession, decoder_for, run_generation, sam
 from stagejax.executor import StagedDecoder
 from stagejax.devices import device_from_settings
 from stagejax.kv_cache import KVLayout, cache_capacity, read_bytes as kv_read_bytes, stored_row_bytes
-from stagejax.planner import PlanContext, make_plan
+from stagejax.planner import PlanContext, make_plan, shared_bus_time
 from stagejax.quant import largest_dequantized_bytes
 from stagejax.loading import open_model, release_freed_memory, use_one_malloc_arena
 from stagejax.evaluation import perplexity_llama_cpp, perplexity_strided
@@ -108,7 +108,7 @@ class ScheduleRun:
             # The roofline's view of the resident step: its weights read at the matvec rate.
             self.device = device_from_settings(settings.device, settings.paths.cache)
             step = roofline.model_step_cost(config, phase="decode", kv_len=capacity)  # float32 KV
-            self.model_predicted_s = roofline.predict_parts(step, self.device, streamed=False)[0]
+            self.model_predicted_s = shared_bus_time(step, self.device, streamed=False, kv_on_disk=False)
         else:
             schedule, cache = settings.schedule, settings.cache
             kv_layout = KVLayout(cache.kind, cache.order, cache.block_tokens or schedule.kv_block,

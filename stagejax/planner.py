@@ -25,10 +25,13 @@ largest the budget allows for the stage with the most activation+KV bytes; `opti
 tries smaller caps, which leave room for groups that read a whole layer's KV), then keep
 every group's weights under S.
 
-Time of a candidate group (the separable objective the DP minimises): with prefetch depth >= 1
-the loader reads ahead while groups compute, so a group costs max(compute, load); with depth
-0 it costs compute + load. `Plan.predicted_step_s` is this sum; `Plan.pipeline_step_s` is the
-roofline's event simulation of the prefetch pipeline (`roofline.predict_step`), for comparison.
+Time of a candidate group (the separable objective the DP minimises): with a warm page cache,
+`shared_bus_time` — every byte the group moves over the memory bus (streamed weights copied
+out of the page cache count twice) at the measured bandwidth, plus the executor's measured
+per-call cost; cold, max(compute, load) with prefetch (compute + load without).
+`Plan.predicted_step_s` is this sum; `Plan.pipeline_step_s` is the roofline's event simulation
+of the prefetch pipeline (`roofline.predict_step`, which assumes loads and compute overlap
+freely), for comparison.
 """
 
 from __future__ import annotations
@@ -169,9 +172,14 @@ class PlanContext:
         key = tuple((s.kind, s.index) for s in group.stages)
         if key not in self._time_cache:
             cost = self.cost(group)
-            compute, load = roofline.predict_parts(cost, self.device, streamed=streams_weights(group),
+            streamed = streams_weights(group)
+            compute, load = roofline.predict_parts(cost, self.device, streamed=streamed,
                                                    warm=self.warm, kv_on_disk=self.kv_on_disk)
-            objective = max(compute, load) if self.prefetch_depth else compute + load
+            if self.warm:
+                objective = shared_bus_time(cost, self.device, streamed=streamed,
+                                            kv_on_disk=self.kv_on_disk)
+            else:  # cold: the storage device, not the memory bus, is the bottleneck
+                objective = max(compute, load) if self.prefetch_depth else compute + load
             self._time_cache[key] = (objective, compute, load)
         return self._time_cache[key]
 
@@ -179,6 +187,28 @@ class PlanContext:
         return roofline.group_cost(group, self.config, tokens=self.tokens, kv_len=self.kv_len,
                                    weight_bytes=self.stored_bytes, kv_bits=self.kv_bits,
                                    layout=self.layout, kv_block=self.kv_block)
+
+
+def shared_bus_time(cost: roofline.Cost, device: roofline.Device, *, streamed: bool,
+                    kv_on_disk: bool) -> float:
+    """A group's share of a warm staged step when the memory bus is the shared resource.
+
+    Measured here (SmolLM2, 2 cores): the prefetch thread's page-cache copies and the
+    group's compute contend for the same memory bandwidth, so the prefetch overlap hides
+    latency but not bytes. Every byte a group moves crosses the bus: its streamed weights twice
+    (read from the page cache, written into a slab), KV blocks read from disk twice likewise,
+    then everything it computes on once; plus the executor's per-call cost (calibrated:
+    `device.call_overhead_s` is the staged executor's measured cost per group), which runs on
+    the main thread while the loader copies. time = max(FLOPs / peak, traffic / bandwidth)
+    + calls x overhead.
+    """
+    traffic = cost.bytes_moved
+    if streamed:
+        traffic += 2 * cost.weight_bytes
+    if kv_on_disk:
+        traffic += 2 * cost.kv_bytes
+    return (max(cost.flops / device.peak_flops("float32"), traffic / device.mem_read_bytes_per_s)
+            + cost.n_calls * device.call_overhead_s)
 
 
 # ---- structure -----------------------------------------------------------------------------------
@@ -239,10 +269,17 @@ def optimal_partition(n: int, cost: Callable[[int, int], float],
 
 
 def _slab_cap(stages: Sequence[Stage], ctx: PlanContext, budget: int) -> int:
-    """The largest slab every single stage still fits under: budget minus the most
-    activation+KV any atomic stage holds, over depth + 1 slabs."""
-    fixed = max(ctx.fixed_bytes(Group((s,))) for s in stages)
-    return max(0, (budget - fixed) // (ctx.prefetch_depth + 1))
+    """The largest slab with which every single stage still fits the budget: a streamed stage
+    holds its own slab and `depth` more, any other stage only the `depth` read ahead."""
+    cap = None
+    for stage in stages:
+        group = Group((stage,))
+        rest = ctx.peak(group, 0)  # everything but slabs
+        slabs = ctx.prefetch_depth + (1 if streams_weights(group) else 0)
+        if slabs:
+            limit = (budget - rest) // slabs
+            cap = limit if cap is None else min(cap, limit)
+    return max(0, cap if cap is not None else budget)
 
 
 def _fits(group: Group, ctx: PlanContext, budget: int, slab: int) -> bool:
