@@ -54,6 +54,7 @@ def run_isolated(settings, out_dir: str | Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "settings.pkl").write_bytes(pickle.dumps(settings))
     done = subprocess.run([sys.executable, __file__, str(out_dir)], capture_output=True, text=True)
+    (out_dir / "settings.pkl").unlink(missing_ok=True)  # resolved_settings.json records them
     metrics = out_dir / "metrics.json"
     if done.returncode != 0:
         lines = [l for l in done.stderr.strip().splitlines() if l.strip()]
