@@ -46,7 +46,7 @@ import numpy as np
 from stagejax.results import atomic_write_json
 from stagejax.roofline import Device
 
-CALIBRATION_FORMAT = 3  # bump when the probes change meaning: cached records are re-measured
+CALIBRATION_FORMAT = 4  # bump when the probes change meaning: cached records are re-measured
 ALIGN_BYTES = 64  # buffers handed to reads are 64-byte aligned, as the weight store's are
 
 
@@ -355,6 +355,19 @@ def _ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def last_level_cache_bytes() -> float | None:
+    """The largest CPU cache's size from sysfs (Linux), or None if it cannot be read."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
+        sizes.append(float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text))
+    return max(sizes) if sizes else None
+
+
 def run_probes(cache_dir: Path, *, quick: bool = False,
                progress: Callable[[str], None] | None = None) -> dict[str, Measurement]:
     """Every probe of the calibration; `quick` uses smaller sizes and fewer repeats."""
@@ -407,6 +420,7 @@ def device_from_probes(probes: dict[str, Measurement], *, source: str,
                   call_overhead_s=probes["call_overhead"].value,
                   ram_bytes=float(_ram_bytes()), source=source,
                   matvec_bytes_per_s=float(np.median(streaming)) if streaming else None,
+                  llc_bytes=last_level_cache_bytes(),
                   notes=notes)
 
 

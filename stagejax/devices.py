@@ -34,7 +34,7 @@ _FIELDS = {f.name for f in dataclasses.fields(Device)}
 _REQUIRED = {"name", "flops_per_s", "mem_read_bytes_per_s", "storage_read_bytes_per_s",
              "storage_warm_bytes_per_s", "call_overhead_s", "ram_bytes", "source"}
 _NUMBERS = {"mem_read_bytes_per_s", "storage_read_bytes_per_s", "storage_warm_bytes_per_s",
-            "call_overhead_s", "ram_bytes", "matvec_bytes_per_s"}
+            "call_overhead_s", "ram_bytes", "matvec_bytes_per_s", "llc_bytes"}
 
 
 def list_devices(conf_dir: Path = DEVICE_CONF_DIR) -> list[str]:

@@ -26,9 +26,9 @@ tries smaller caps, which leave room for groups that read a whole layer's KV), t
 every group's weights under S.
 
 Time of a candidate group (the separable objective the DP minimises): with a warm page cache,
-`shared_bus_time` — every byte the group moves over the memory bus (streamed weights copied
-out of the page cache count twice) at the measured bandwidth, plus the executor's measured
-per-call cost; cold, max(compute, load) with prefetch (compute + load without).
+`shared_bus_time` — the prefetch copies (twice their bytes over the memory bus) against the
+main thread's work (bytes computed on, plus the executor's measured per-call cost), overlapped
+when the slabs in flight fit the last-level cache and added when they do not; cold, max(compute, load) with prefetch (compute + load without).
 `Plan.predicted_step_s` is this sum; `Plan.pipeline_step_s` is the roofline's event simulation
 of the prefetch pipeline (`roofline.predict_step`, which assumes loads and compute overlap
 freely), for comparison.
@@ -177,7 +177,8 @@ class PlanContext:
                                                    warm=self.warm, kv_on_disk=self.kv_on_disk)
             if self.warm:
                 objective = shared_bus_time(cost, self.device, streamed=streamed,
-                                            kv_on_disk=self.kv_on_disk)
+                                            kv_on_disk=self.kv_on_disk,
+                                            resident_bytes=(self.prefetch_depth + 1) * self.unit_bytes(group))
             else:  # cold: the storage device, not the memory bus, is the bottleneck
                 objective = max(compute, load) if self.prefetch_depth else compute + load
             self._time_cache[key] = (objective, compute, load)
@@ -190,25 +191,29 @@ class PlanContext:
 
 
 def shared_bus_time(cost: roofline.Cost, device: roofline.Device, *, streamed: bool,
-                    kv_on_disk: bool) -> float:
-    """A group's share of a warm staged step when the memory bus is the shared resource.
+                    kv_on_disk: bool, resident_bytes: float = math.inf) -> float:
+    """A group's share of a warm staged step, from what the memory bus and the main thread do.
 
-    Measured here (SmolLM2, 2 cores): the prefetch thread's page-cache copies and the
-    group's compute contend for the same memory bandwidth, so the prefetch overlap hides
-    latency but not bytes. Every byte a group moves crosses the bus: its streamed weights twice
-    (read from the page cache, written into a slab), KV blocks read from disk twice likewise,
-    then everything it computes on once; plus the executor's per-call cost (calibrated:
-    `device.call_overhead_s` is the staged executor's measured cost per group), which runs on
-    the main thread while the loader copies. time = max(FLOPs / peak, traffic / bandwidth)
-    + calls x overhead.
+    Measured here (SmolLM2, 2 cores, warm page cache): the prefetch thread's page-cache
+    copies cross the memory bus twice (read, then written into a slab) and contend with
+    compute for bandwidth. `copy` = those bytes (and KV blocks read from disk, likewise) at the
+    bus bandwidth; `main` = the group's work on the main thread: max(FLOPs / peak, bytes it
+    computes on / bandwidth) + calls x the staged executor's measured per-call cost. When the
+    prefetch slabs in flight (`resident_bytes`) fit the last-level cache, the copies land in
+    cache while the main thread works: max(copy, main); otherwise both stream DRAM and the
+    step pays copy + main.
     """
-    traffic = cost.bytes_moved
+    copy = 0.0
     if streamed:
-        traffic += 2 * cost.weight_bytes
+        copy += 2 * cost.weight_bytes
     if kv_on_disk:
-        traffic += 2 * cost.kv_bytes
-    return (max(cost.flops / device.peak_flops("float32"), traffic / device.mem_read_bytes_per_s)
+        copy += 2 * cost.kv_bytes
+    copy /= device.mem_read_bytes_per_s
+    main = (max(cost.flops / device.peak_flops("float32"), cost.bytes_moved / device.mem_read_bytes_per_s)
             + cost.n_calls * device.call_overhead_s)
+    if device.llc_bytes and resident_bytes <= device.llc_bytes:
+        return max(copy, main)
+    return copy + main
 
 
 # ---- structure -----------------------------------------------------------------------------------

@@ -90,6 +90,7 @@ class Device:
     ram_bytes: float
     source: str
     matvec_bytes_per_s: float | None = None
+    llc_bytes: float | None = None  # last-level cache: whether streamed units stay cache-resident
     notes: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
     def __post_init__(self):
