@@ -3,7 +3,7 @@
 This is the `model` schedule of design §5 — every weight resident, one jit per decode step,
 KV cache in RAM — and the reference every staged schedule is checked against. Executables are
 compiled ahead of time (`jit(...).lower(...).compile()`) so no timed call compiles; the KV
-cache is donated to each step so it is updated in place.
+cache is donated to a small write executable after each pass, so it is updated in place.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 
 from stagejax import ops
 from stagejax.model_config import ModelConfig
-from stagejax.models import Decoder, init_kv_cache
+from stagejax.models import Decoder, init_kv_cache, write_kv_rows
 from stagejax.sampling import SamplingConfig, sample_token
 
 # Prompts are right-padded to a power of two (at least this many tokens) so that prompts of
@@ -89,14 +89,18 @@ class MonolithicDecoder:
         # The resident cache stays float32; a lossy `kv_dtype` is applied as its round trip.
         model = Decoder(config, kv_dtype)
 
+        # A pass reads the cache and returns its new rows; a second executable, with the
+        # cache donated, writes them in place (one executable that read and updated a donated
+        # cache made XLA copy every layer's cache twice per step: see `write_kv_rows`).
         def prefill(params, tokens_1T, n_tokens, cache):
-            logits_1TV, cache = model.apply({"params": params}, tokens_1T, kv_cache=cache, start=0)
-            return logits_1TV[0, n_tokens - 1], cache
+            logits_1TV, rows = model.apply({"params": params}, tokens_1T, kv_cache=cache, start=0,
+                                           rows_only=True)
+            return logits_1TV[0, n_tokens - 1], rows
 
         def step(params, token, position, cache):
-            logits_11V, cache = model.apply({"params": params}, token.reshape(1, 1),
-                                            kv_cache=cache, start=position)
-            return logits_11V[0, 0], cache
+            logits_11V, rows = model.apply({"params": params}, token.reshape(1, 1),
+                                           kv_cache=cache, start=position, rows_only=True)
+            return logits_11V[0, 0], rows
 
         abstract = lambda tree: jax.tree_util.tree_map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
@@ -104,10 +108,15 @@ class MonolithicDecoder:
         params_spec = abstract(params_spec)
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
         start = time.perf_counter()
-        self._prefill = jax.jit(prefill, donate_argnums=(3,)).lower(
+        self._prefill = jax.jit(prefill).lower(
             params_spec, jax.ShapeDtypeStruct((1, prefill_len), jnp.int32), scalar, cache_spec).compile()
-        self._step = jax.jit(step, donate_argnums=(3,)).lower(
-            params_spec, scalar, scalar, cache_spec).compile()
+        self._step = jax.jit(step).lower(params_spec, scalar, scalar, cache_spec).compile()
+        write = jax.jit(write_kv_rows, donate_argnums=(0,))
+        self._write = {}
+        for tokens in sorted({1, prefill_len}):
+            rows_spec = tuple((jax.ShapeDtypeStruct(k.shape[:2] + (tokens,) + k.shape[3:], k.dtype),) * 2
+                              for k, _ in cache_spec)
+            self._write[tokens] = write.lower(cache_spec, rows_spec, scalar).compile()
         self._sample = jax.jit(lambda logits, key: sample_token(logits, key, sampling)).lower(
             jax.ShapeDtypeStruct((config.vocab_size,), jnp.float32),
             jax.ShapeDtypeStruct((2,), jnp.uint32)).compile()
@@ -133,11 +142,14 @@ class MonolithicDecoder:
         n = len(prompt_ids)
         tokens = np.zeros((1, self.prefill_len), np.int32)
         tokens[0, :n] = prompt_ids
-        return self._prefill(params, jnp.asarray(tokens), jnp.int32(n), cache)
+        logits, rows = self._prefill(params, jnp.asarray(tokens), jnp.int32(n), cache)
+        return logits, self._write[self.prefill_len](cache, rows, jnp.int32(0))
 
     def step(self, params, token, position: int, cache):
         """One decode step: the token at `position`; returns (its logits [V], cache)."""
-        return self._step(params, jnp.asarray(token, jnp.int32), jnp.int32(position), cache)
+        position = jnp.int32(position)
+        logits, rows = self._step(params, jnp.asarray(token, jnp.int32), position, cache)
+        return logits, self._write[1](cache, rows, position)
 
     def sample(self, logits_V, key):
         return self._sample(logits_V, key)

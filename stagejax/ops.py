@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Masked scores use a large finite negative rather than -inf so that a fully masked row
 # (possible for padded positions) yields a uniform softmax instead of NaNs.
@@ -56,13 +57,13 @@ def rope(x_BTnH, positions_BT, theta: float):
     return rotated.astype(x_BTnH.dtype)
 
 
-def attention_scores(q_BTNH, k_BSKH):
+def attention_scores(q_BTNH, k_BKSH):
     """Scaled dot-product scores with grouped-query heads: [B, K, G, T, S] in float32."""
     b, t, n, h = q_BTNH.shape
-    k = k_BSKH.shape[2]
-    q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h).astype(jnp.float32)
+    k = k_BKSH.shape[1]
+    q_BKGTH = q_BTNH.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4).astype(jnp.float32)
     scale = 1.0 / jnp.sqrt(jnp.float32(h))
-    return jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH * scale, k_BSKH.astype(jnp.float32))
+    return jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH * scale, k_BKSH.astype(jnp.float32))
 
 
 def causal_mask(q_positions_BT, k_positions_BS):
@@ -70,22 +71,45 @@ def causal_mask(q_positions_BT, k_positions_BS):
     return k_positions_BS[:, None, :] <= q_positions_BT[:, :, None]  # [B, T, S]
 
 
-def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+def attention_kv_major(q_BTNH, k_BKSH, v_BKSH, mask_BTS):
     """Softmax attention of all query heads over keys/values of their kv group.
 
     Args:
       q_BTNH: queries, RoPE already applied.
-      k_BSKH, v_BSKH: keys (RoPE applied) and values.
-      mask_BTS: boolean, True where attention is allowed.
+      k_BKSH, v_BKSH: keys (RoPE applied) and values, kv-head major: the contractions batch
+        over (B, K), so XLA reads a cache in this layout without transposing it. May also be
+        tuples of parts (e.g. a cache and a pass's own keys) with a tuple of masks: one softmax
+        over all parts, without concatenating (copying) the keys.
+      mask_BTS: boolean, True where attention is allowed (a tuple: one per part).
     Returns:
       [B, T, N, H] in the dtype of q.
     """
+    parts = isinstance(k_BKSH, tuple)
+    ks, vs, masks = (k_BKSH, v_BKSH, mask_BTS) if parts else ((k_BKSH,), (v_BKSH,), (mask_BTS,))
     b, t, n, h = q_BTNH.shape
-    scores = attention_scores(q_BTNH, k_BSKH)
-    scores = jnp.where(mask_BTS[:, None, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BSKH.astype(jnp.float32))
-    return out_BTKGH.reshape(b, t, n, h).astype(q_BTNH.dtype)
+    scores = [jnp.where(m[:, None, None, :, :], attention_scores(q_BTNH, k), MASK_VALUE)
+              for k, m in zip(ks, masks)]
+    sizes = [s.shape[-1] for s in scores]
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    bounds = np.cumsum([0] + sizes)
+    out_BKGTH = sum(jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., lo:hi], v.astype(jnp.float32))
+                    for lo, hi, v in zip(bounds[:-1], bounds[1:], vs))
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_BTNH.dtype)
+
+
+def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+    """`attention_kv_major` for token-major keys/values [B, S, K, H]."""
+    return attention_kv_major(q_BTNH, k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3),
+                              mask_BTS)
+
+
+def output_projection(attn_BTNH, w):
+    """Heads' outputs [B, T, N, H] times the output projection (any shape holding [N*H, D]).
+
+    One contraction over the flattened N*H axis: as "BTNH,NHD->BTD", XLA transposed the whole
+    weight before every call (a 1.3 MB copy per SmolLM2 layer and step)."""
+    b, t, n, h = attn_BTNH.shape
+    return jnp.einsum("BTK,KD->BTD", attn_BTNH.reshape(b, t, n * h), w.reshape(n * h, -1))
 
 
 def swiglu(x_BTD, w_gate_DF, w_up_DF, w_down_FD):

@@ -262,9 +262,7 @@ def attn_fn(config, state, weights, ctx, index):
 
 
 def o_fn(config, state, weights, ctx, index):
-    w_NHD = quant.matrix(weights, "w", after=state["attn"]).reshape(
-        config.n_heads, config.head_dim, config.d_model)
-    y = jnp.einsum("BTNH,NHD->BTD", state["attn"], w_NHD)
+    y = ops.output_projection(state["attn"], quant.matrix(weights, "w", after=state["attn"]))
     if "b" in weights:
         y = y + weights["b"]
     return {**state, "x": state["x"] + y}

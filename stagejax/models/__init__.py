@@ -1,8 +1,8 @@
 """Flax definitions of the model families; the math comes from `stagejax.ops`."""
 
-from stagejax.models.decoder import Decoder, KVCache, init_kv_cache
+from stagejax.models.decoder import Decoder, KVCache, init_kv_cache, write_kv_rows
 
-__all__ = ["Decoder", "KVCache", "init_kv_cache", "init_params"]
+__all__ = ["Decoder", "KVCache", "init_kv_cache", "init_params", "write_kv_rows"]
 
 
 def init_params(config, seed: int = 0):

@@ -121,4 +121,6 @@ class Embed(nn.Module):
             for start, stop in zip(bounds[:-1], bounds[1:]):
                 chunks.append(jnp.dot(x, e.slice_out(start, stop).dequantize(after=chunks[-1])))
             return jnp.concatenate(chunks[1:], axis=-1)
-        return jnp.dot(x, self.embedding.T)
+        # "BTD,VD->BTV", not x @ embedding.T: XLA materialised the transpose (113 MB for
+        # SmolLM2) on every call of the latter.
+        return jnp.einsum("BTD,VD->BTV", x, self.embedding)
