@@ -32,6 +32,12 @@ from stagejax.stages import (STAGE_FNS, ChunkLayout, Stage, attention_block_step
 from stagejax import ops
 
 
+# Attention executables are compiled without XLA's YNNPACK fusions: the value sum of a decode
+# step (a multiply-reduce, ops.online_softmax_update) became a YNNPACK fusion taking 263 µs of
+# a 284 µs call; XLA's own loop fusion takes ~2 µs (SmolLM2, one head over 512 rows).
+ATTENTION_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
 class Host(jax.ShapeDtypeStruct):
     """An argument that real calls pass as a host numpy array (weights, KV blocks)."""
 
@@ -156,7 +162,6 @@ class StagedDecoder:
         self._ints: dict[int, jax.Array] = {}
         self._embed_rows: dict[int, np.ndarray] = {}
         self.kv_wait_s = 0.0
-        self._carries: dict[tuple[int, int], tuple] = {}  # online-softmax carries, reused
         # Instrumented passes: called after each group with (index, group, start, end, wait)
         # — perf_counter seconds, and the seconds it waited for weights or KV blocks.
         self.observer: Callable[[int, Group, float, float, float], None] | None = None
@@ -210,8 +215,8 @@ class StagedDecoder:
             n_heads = len(group.stages)
             n_groups = kv_groups_of(self.config, n_heads)
             block_spec = self._host_specs(n_groups, self.kv_block)
-            return {finish: self._compile_attn(tokens, scoring, n_heads, n_groups, block_spec, finish)
-                    for finish in (False, True)}
+            return {mode: self._compile_attn(tokens, scoring, n_heads, n_groups, block_spec, mode)
+                    for mode in ("first", "middle", "last", "only")}
         else:
             weight_specs = tuple(self._spec(k) for k in group.weight_keys)
             leaves = tuple(tuple(_leaf(k) for k in s.weight_keys) for s in group.stages)
@@ -252,14 +257,19 @@ class StagedDecoder:
         """Specs of a KV read in storage form (see `HostKVCache.specs`)."""
         return tuple(Host(s.shape, s.dtype) for s in self.cache.specs(n_groups, rows))
 
-    def _compile_attn(self, tokens, scoring, n_heads, n_groups, block_spec, finish):
-        signature = ("attn", tokens, scoring, n_heads, tuple(s.shape for s in block_spec), finish)
+    def _compile_attn(self, tokens, scoring, n_heads, n_groups, block_spec, mode):
+        """One attention call over one KV block. `mode`: "first" | "middle" | "last" block of
+        several, or the "only" one. The online-softmax carry is an argument only where it has
+        something in it: a first block starts it inside the executable and an only block needs
+        none, so most decode calls (the past fits one block) pass and return no carry."""
+        signature = ("attn", tokens, scoring, n_heads, tuple(s.shape for s in block_spec), mode)
         if signature in self._executables:
             return self._executables[signature]
         config, order, kv_dtype = self.config, self.kv_layout.order, self.kv_layout.dtype
         state_spec = self._state_spec(tokens, scoring)
+        finish = mode in ("last", "only")
 
-        def run(attn, carry, const, block, ctx, first_head, block_start):
+        def fold(attn, carry, const, block, ctx, first_head, block_start):
             state = {**const, "attn": attn}
             first_group = first_head // config.queries_per_kv_head
             k, v = stored_kv(block, order, kv_dtype, first_group, n_groups)
@@ -267,12 +277,27 @@ class StagedDecoder:
                                                 k, v, block_start, finish, kv_dtype)
             return state["attn"], carry
 
-        carry_spec = jax.eval_shape(lambda: ops.online_softmax_init(tokens, n_heads, config.head_dim))
+        fresh = lambda: ops.online_softmax_init(tokens, n_heads, config.head_dim)
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
-        executable = jax.jit(run, donate_argnums=(0, 1), keep_unused=True)
-        _warm_up(executable, state_spec["attn"], carry_spec,
-                 {e: state_spec[e] for e in ("q", "k_new", "v_new")}, block_spec,
-                 self._ctx_spec(tokens, scoring), scalar, scalar)
+        carry_spec = jax.eval_shape(fresh)
+        const_spec = {e: state_spec[e] for e in ("q", "k_new", "v_new")}
+        ctx_spec = self._ctx_spec(tokens, scoring)
+        if mode == "only":
+            def run(attn, const, block, ctx, first_head):
+                return fold(attn, fresh(), const, block, ctx, first_head, 0)[0]
+            executable = jax.jit(run, donate_argnums=(0,), keep_unused=True,
+                                 compiler_options=ATTENTION_COMPILER_OPTIONS)
+            _warm_up(executable, state_spec["attn"], const_spec, block_spec, ctx_spec, scalar)
+        elif mode == "first":
+            def run(const, block, ctx, first_head):
+                return fold(None, fresh(), const, block, ctx, first_head, 0)[1]
+            executable = jax.jit(run, compiler_options=ATTENTION_COMPILER_OPTIONS)
+            _warm_up(executable, const_spec, block_spec, ctx_spec, scalar)
+        else:
+            executable = jax.jit(fold, donate_argnums=(0, 1) if finish else (1,), keep_unused=True,
+                                 compiler_options=ATTENTION_COMPILER_OPTIONS)
+            _warm_up(executable, state_spec["attn"], carry_spec, const_spec, block_spec, ctx_spec,
+                     scalar, scalar)
         self._executables[signature] = executable
         return executable
 
@@ -439,21 +464,29 @@ class StagedDecoder:
         if self.kv_layout.order == "token_major":
             first_group, n_groups = 0, self.config.n_kv_heads  # blocks carry every group
         const = {e: state[e] for e in ("q", "k_new", "v_new")}
-        carry = self._carries.get((tokens, n_heads))
-        if carry is None:
-            carry = ops.online_softmax_init(tokens, n_heads, self.config.head_dim)
-        attn = state["attn"]
         n_blocks = max(1, -(-start // self.kv_block))
         layer = group.stages[0].layer
-        for b in range(n_blocks):
+        head = self._first_head[gi]
+        cache, kv_block = self.cache, self.kv_block
+        kv_start = time.perf_counter()
+        block = cache.read_block(layer, first_group, n_groups, 0, kv_block)
+        self.kv_wait_s += time.perf_counter() - kv_start
+        if n_blocks == 1:
+            state["attn"] = exes["only"](state["attn"], const, block, ctx, head)
+            state["attn"].block_until_ready()  # the block buffer is reused by the next read
+            return
+        carry = exes["first"](const, block, ctx, head)
+        carry[0].block_until_ready()
+        attn = state["attn"]
+        for b in range(1, n_blocks):
             kv_start = time.perf_counter()
-            block = self.cache.read_block(layer, first_group, n_groups, b * self.kv_block, self.kv_block)
+            block = cache.read_block(layer, first_group, n_groups, b * kv_block, kv_block)
             self.kv_wait_s += time.perf_counter() - kv_start
-            attn, carry = exes[b == n_blocks - 1](attn, carry, const, block, ctx,
-                                                  self._first_head[gi], self._int(b * self.kv_block))
-            carry[0].block_until_ready()  # the block buffer is reused by the next read
+            last = b == n_blocks - 1
+            attn, carry = exes["last" if last else "middle"](attn, carry, const, block, ctx, head,
+                                                             self._int(b * kv_block))
+            carry[0].block_until_ready()
         state["attn"] = attn
-        self._carries[(tokens, n_heads)] = carry  # the finishing call returned a fresh carry
 
     # ---- decoding API (the same protocol as MonolithicSession) -----------------------------
 
@@ -488,12 +521,10 @@ class StagedDecoder:
         return np.concatenate(nll)
 
     def release_pass_buffers(self, keep_tokens: int = 1) -> None:
-        """Drop activation states, carries and row buffers of passes other than `keep_tokens`
+        """Drop activation states and row buffers of passes other than `keep_tokens`
         tokens (e.g. the prefill's before decoding): idle memory otherwise. Rebuilt on use."""
         for key in [k for k in self._states if k[0] != keep_tokens]:
             del self._states[key]
-        for key in [k for k in self._carries if k[0] != keep_tokens]:
-            del self._carries[key]
         for key in [k for k in self._embed_rows if k != keep_tokens]:
             del self._embed_rows[key]
 

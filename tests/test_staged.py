@@ -184,4 +184,7 @@ def test_measured_decode_peak_within_plan(tmp_path):
     planned, measured = metrics["planned_peak_bytes"], metrics["peak_rss_decode_bytes"]
     assert planned > 30 * 2**20
     assert measured <= planned + 8 * 2**20, (measured / 2**20, planned / 2**20)
-    assert measured >= 0.5 * planned  # the working set really is resident while it runs
+    # The working set really is resident while it runs. Measured 0.56x of the plan before the
+    # o projection stopped copying its weight inside the jit, 0.46x after (22.3 of 48.2 MB):
+    # the plan's two 25 MB head slabs are not both resident at the decode's high-water mark.
+    assert measured >= 0.4 * planned
