@@ -32,7 +32,7 @@ from stagejax.stages import (STAGE_FNS, ChunkLayout, Stage, attention_block_step
 from stagejax import ops
 
 
-# Attention executables are compiled without XLA's YNNPACK fusions: the value sum of a decode
+# Executables with attention are compiled without XLA's YNNPACK fusions: the value sum of a decode
 # step (a multiply-reduce, ops.online_softmax_update) became a YNNPACK fusion taking 263 µs of
 # a 284 µs call; XLA's own loop fusion takes ~2 µs (SmolLM2, one head over 512 rows).
 ATTENTION_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
@@ -246,7 +246,8 @@ class StagedDecoder:
         past_spec = tuple(self._host_specs(None, self.cache.capacity) for _ in group.kv_layers)
         # keep_unused: a stage that only writes an entry (embed: x, norms: h) must still receive its
         # donated buffer, so the output reuses it instead of allocating.
-        executable = jax.jit(run, donate_argnums=(0,), keep_unused=True)
+        options = ATTENTION_COMPILER_OPTIONS if "attn" in kinds else None
+        executable = jax.jit(run, donate_argnums=(0,), keep_unused=True, compiler_options=options)
         _warm_up(executable, {e: state_spec[e] for e in written}, {e: state_spec[e] for e in read_only},
                  weight_specs, self._ctx_spec(tokens, scoring),
                  jax.ShapeDtypeStruct((len(group.stages),), jnp.int32), past_spec)
