@@ -46,7 +46,7 @@ import numpy as np
 from stagejax.results import atomic_write_json
 from stagejax.roofline import Device
 
-CALIBRATION_FORMAT = 4  # bump when the probes change meaning: cached records are re-measured
+CALIBRATION_FORMAT = 5  # bump when the probes change meaning: cached records are re-measured
 ALIGN_BYTES = 64  # buffers handed to reads are 64-byte aligned, as the weight store's are
 
 

@@ -32,7 +32,7 @@ from stagejax.decode import (MonolithicSession, decoder_for, run_generation, sam
 from stagejax.executor import StagedDecoder
 from stagejax.devices import device_from_settings
 from stagejax.kv_cache import KVLayout, cache_capacity, read_bytes as kv_read_bytes, stored_row_bytes
-from stagejax.planner import PlanContext, make_plan, shared_bus_time
+from stagejax.planner import PlanContext, make_plan, warm_group_time
 from stagejax.quant import largest_dequantized_bytes
 from stagejax.loading import open_model, release_freed_memory, use_one_malloc_arena
 from stagejax.evaluation import perplexity_llama_cpp, perplexity_strided
@@ -108,15 +108,21 @@ class ScheduleRun:
             # The roofline's view of the resident step: its weights read at the matvec rate.
             self.device = device_from_settings(settings.device, settings.paths.cache)
             step = roofline.model_step_cost(config, phase="decode", kv_len=capacity)  # float32 KV
-            self.model_predicted_s = shared_bus_time(step, self.device, streamed=False, kv_on_disk=False)
+            self.model_predicted_s = warm_group_time(step, self.device, streamed=False, kv_on_disk=False)
         else:
             schedule, cache = settings.schedule, settings.cache
             kv_layout = KVLayout(cache.kind, cache.order, cache.block_tokens or schedule.kv_block,
                                  cache.dtype)
+            device = device_from_settings(settings.device, settings.paths.cache)
+            self.checkpoint_read_bytes_per_s = None
+            if settings.device.calibrated and not settings.store.drop_page_cache:
+                # This machine: the streaming time is predicted from this checkpoint's own
+                # page-cache read rate, measured now (~0.1 s; it also warms the cache).
+                self.checkpoint_read_bytes_per_s = store.warm_read_rate()
+                device = dataclasses.replace(device, storage_warm_bytes_per_s=self.checkpoint_read_bytes_per_s)
             # Planned (and validated against schedule.budget_mb) before anything compiles.
             self.planner_context = plan_context(settings, config, self.layout, store, kv_layout,
-                                                capacity, device_from_settings(settings.device,
-                                                                               settings.paths.cache))
+                                                capacity, device)
             budget = None if schedule.budget_mb is None else int(schedule.budget_mb * 2**20)
             self.planned = make_plan(build_stages(config, self.layout, manifest.arrays), self.policy,
                                      self.planner_context, budget)
@@ -333,6 +339,8 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
         metrics.update(predicted_step_s=planned.predicted_step_s,
                        predicted_pipeline_step_s=planned.pipeline_step_s,
                        measured_step_s=measured_step, device=run.planner_context.device.name)
+        if run.checkpoint_read_bytes_per_s is not None:
+            metrics["checkpoint_warm_read_bytes_per_s"] = run.checkpoint_read_bytes_per_s
     else:
         metrics.update(predicted_step_s=run.model_predicted_s,
                        predicted_pipeline_step_s=run.model_predicted_s,

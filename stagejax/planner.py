@@ -26,9 +26,12 @@ tries smaller caps, which leave room for groups that read a whole layer's KV), t
 every group's weights under S.
 
 Time of a candidate group (the separable objective the DP minimises): with a warm page cache,
-`shared_bus_time` — the prefetch copies (twice their bytes over the memory bus) against the
-main thread's work (bytes computed on, plus the executor's measured per-call cost), overlapped
-when the slabs in flight fit the last-level cache and added when they do not; cold, max(compute, load) with prefetch (compute + load without).
+`warm_group_time` — the main thread's work (FLOPs or bytes computed on, the KV blocks it copies
+from the page cache, the executor's measured per-call cost) plus the page-cache copies of the
+group's streamed weights, added, not overlapped: on the 2-core machine measured here the
+prefetch thread's copies and the executor's two-threaded matvecs compete for the cores and the
+memory bus, and every staged plan's step measured ~ its resident-weights time + the copy time
+(docs/design-notes.md). Cold: max(compute, load) with prefetch (compute + load without).
 `Plan.predicted_step_s` is this sum; `Plan.pipeline_step_s` is the roofline's event simulation
 of the prefetch pipeline (`roofline.predict_step`, which assumes loads and compute overlap
 freely), for comparison.
@@ -176,9 +179,8 @@ class PlanContext:
             compute, load = roofline.predict_parts(cost, self.device, streamed=streamed,
                                                    warm=self.warm, kv_on_disk=self.kv_on_disk)
             if self.warm:
-                objective = shared_bus_time(cost, self.device, streamed=streamed,
-                                            kv_on_disk=self.kv_on_disk,
-                                            resident_bytes=(self.prefetch_depth + 1) * self.unit_bytes(group))
+                objective = warm_group_time(cost, self.device, streamed=streamed,
+                                            kv_on_disk=self.kv_on_disk)
             else:  # cold: the storage device, not the memory bus, is the bottleneck
                 objective = max(compute, load) if self.prefetch_depth else compute + load
             self._time_cache[key] = (objective, compute, load)
@@ -190,30 +192,27 @@ class PlanContext:
                                    layout=self.layout, kv_block=self.kv_block)
 
 
-def shared_bus_time(cost: roofline.Cost, device: roofline.Device, *, streamed: bool,
-                    kv_on_disk: bool, resident_bytes: float = math.inf) -> float:
-    """A group's share of a warm staged step, from what the memory bus and the main thread do.
+def warm_group_time(cost: roofline.Cost, device: roofline.Device, *, streamed: bool,
+                    kv_on_disk: bool) -> float:
+    """A group's share of a warm step: main-thread work + page-cache copies, added.
 
-    Measured here (SmolLM2, 2 cores, warm page cache): the prefetch thread's page-cache
-    copies cross the memory bus twice (read, then written into a slab) and contend with
-    compute for bandwidth. `copy` = those bytes (and KV blocks read from disk, likewise) at the
-    bus bandwidth; `main` = the group's work on the main thread: max(FLOPs / peak, bytes it
-    computes on / bandwidth) + calls x the staged executor's measured per-call cost. When the
-    prefetch slabs in flight (`resident_bytes`) fit the last-level cache, the copies land in
-    cache while the main thread works: max(copy, main); otherwise both stream DRAM and the
-    step pays copy + main.
+    main = max(FLOPs / peak, bytes computed on / memory bandwidth) + calls x the staged
+    executor's measured per-call cost; copies = streamed weight bytes and KV blocks read from
+    disk at the page-cache copy rate (`storage_warm_bytes_per_s`; runs measure it on their own
+    checkpoint, `WeightStore.warm_read_rate`). Not overlapped: measured on this 2-core machine
+    (SmolLM2, warm page cache), an `atomic` step with every weight resident took ~45 ms and
+    ~85 ms streamed, `layer` 34-41 and 71-75 ms, i.e. + the copy time whatever the grouping.
+    With streamed=False and kv_on_disk=False this is the resident `model` step's prediction.
     """
     copy = 0.0
     if streamed:
-        copy += 2 * cost.weight_bytes
+        copy += cost.weight_bytes
     if kv_on_disk:
-        copy += 2 * cost.kv_bytes
-    copy /= device.mem_read_bytes_per_s
+        copy += cost.kv_bytes
+    copy /= device.storage_warm_bytes_per_s
     main = (max(cost.flops / device.peak_flops("float32"), cost.bytes_moved / device.mem_read_bytes_per_s)
             + cost.n_calls * device.call_overhead_s)
-    if device.llc_bytes and resident_bytes <= device.llc_bytes:
-        return max(copy, main)
-    return copy + main
+    return main + copy
 
 
 # ---- structure -----------------------------------------------------------------------------------

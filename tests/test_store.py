@@ -220,6 +220,17 @@ def test_partial_reads_touch_only_the_requested_bytes(tiny, verify):
         assert store.bytes_read == info.nbytes + n + last
 
 
+def test_warm_read_rate_reads_every_array_twice_and_leaves_the_counters(tiny):
+    _, path = tiny
+    with WeightStore(path, verify="off") as store:
+        total = store.manifest.nbytes
+        rate = []
+        assert bytes_read_by(lambda: rate.append(store.warm_read_rate())) == 2 * total
+        assert rate[0] > 0 and store.bytes_read == 0 and store.resident_bytes == 0
+        one = store.manifest.arrays["L1/q/2/w"].nbytes
+        assert bytes_read_by(lambda: store.warm_read_rate(["L1/q/2/w"])) == 2 * one
+
+
 def test_a_read_verifies_although_another_array_is_corrupt(tiny_copy):
     _, path = tiny_copy
     corrupt(file_of(path, "L2/ffn/0/down"), 17)
