@@ -322,7 +322,7 @@ class WeightStore:
         (it also warms the page cache), then one timed pass. Neither counts in `bytes_read`.
 
         The page-cache copy rate depends on the files, not only the machine: this checkpoint's
-        arrays read at 11-16 GB/s here while one large probe file reads at 21-25 GB/s, so runs
+        arrays read at 8-16 GB/s here while one large probe file reads at 21-25 GB/s, so runs
         predict their streaming time from this measurement, not from the calibration's file.
         """
         entries = [self._entry(k) for k in (keys if keys is not None else self.manifest.arrays)]
