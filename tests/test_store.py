@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 from stagejax.loading import ModelHandle, open_model
-from stagejax.store import (CheckpointError, Manifest, WeightStore, assemble_params,
+from stagejax.store import (CheckpointError, Manifest, Prefetcher, WeightStore, assemble_params,
                             checkpoint_path, convert_checkpoint, ffn_chunk_bounds,
                             vocab_chunk_bounds)
 from stagejax.store import convert as convert_module
@@ -365,6 +366,39 @@ def test_prefetch_order_cycles_and_never_exceeds_its_depth(tiny, depth):
         assert store.resident_bytes == 0
         with pytest.raises(ValueError, match="closed"):
             prefetcher.next()
+
+
+@pytest.mark.parametrize("share_reads", [True, False])
+def test_a_waiting_consumer_reads_ahead_itself_in_order_within_the_depth(tiny, share_reads):
+    """share_reads: next() reads the next unstarted unit instead of sleeping while the thread
+    is slow; units still come in order, with their own bytes, and never more than `depth` ahead."""
+    _, path = tiny
+    with WeightStore(path, verify="read") as store:
+        keys = store.manifest.keys
+        units = [keys[i:i + 2] for i in range(0, 24, 2)]
+        lent = store.read(keys[:24])
+        expected = {k: v.copy() for k, v in lent.items()}
+        store.release(lent)
+        read_unit = store._read_unit_into
+
+        def slow_in_thread(*args):
+            if threading.current_thread().name == "stagejax-prefetch":
+                time.sleep(0.01)
+            return read_unit(*args)
+
+        store._read_unit_into = slow_in_thread
+        prefetcher = Prefetcher(store, units, depth=2, share_reads=share_reads)
+        for step in range(2 * len(units)):
+            arrays = prefetcher.next()
+            assert list(arrays) == list(units[step % len(units)])
+            for key, value in arrays.items():
+                np.testing.assert_array_equal(value, expected[key])
+            assert prefetcher.in_flight_units <= 2
+            prefetcher.release(arrays)
+        assert prefetcher.max_in_flight_units_seen <= 2
+        assert (prefetcher.reads_by_consumer > 0) == share_reads
+        prefetcher.close()
+        assert store.resident_bytes == 0
 
 
 def test_prefetch_hands_read_errors_to_the_consumer(tiny_copy):

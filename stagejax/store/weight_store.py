@@ -19,7 +19,6 @@ modes, so a truncated or missing array is always an error naming the array and t
 from __future__ import annotations
 
 import os
-import queue
 import resource
 import threading
 import time
@@ -388,16 +387,21 @@ class Prefetcher:
     """Reads units (lists of keys) in order, cycling forever, at most `depth` units ahead.
 
     A background thread reads unit i+1, ..., i+depth while the caller computes with unit i;
-    `next()` hands over the next unit (blocking only if it is not read yet). A unit counts as in
-    flight from when the thread starts reading it until `next()` returns it. depth 0: no thread,
-    `next()` reads synchronously.
+    `next()` hands over the next unit. A unit counts as in flight from when a thread starts
+    reading it until `next()` returns it. depth 0: no thread, `next()` reads synchronously.
+
+    `share_reads` (default on): when `next()` would block because its unit is not read yet,
+    the calling thread reads the next unit nobody has started (its own, or one further ahead
+    while the thread finishes its own) instead of sleeping, within the same depth and slabs.
+    Why: on 2 cores the page-cache copies are the slower side of a staged step (SmolLM2 atomic
+    ~540 MB/token at 8-12 GB/s), and a consumer that sleeps while they run leaves a core idle.
 
     `advise_ahead`: before reading a unit, also ask the kernel to start reading the unit after
     it (posix_fadvise WILLNEED), so a cold stream keeps the device busy while Python works.
     """
 
     def __init__(self, store: WeightStore, units: Sequence[Sequence[str]], depth: int,
-                 advise_ahead: bool = False):
+                 advise_ahead: bool = False, share_reads: bool = True):
         if depth < 0:
             raise ValueError(f"prefetch depth must be >= 0, got {depth}")
         if not units:
@@ -408,13 +412,15 @@ class Prefetcher:
         self._unit_fds = [tuple(store._entries[k].fd for k in unit) for unit in self._units]
         self.depth = depth
         self.advise_ahead = advise_ahead
-        # Single-writer counters, no lock: the thread counts units (bytes) it started, next()
-        # counts those it handed over; in flight = started - handed over.
+        self.share_reads = share_reads
+        # Counts since the start (unit index = count % len(units)), changed under _cv:
+        # started = units claimed by a reader; handed = units next() returned.
+        # in flight = started - handed <= depth.
         self._started_units = self._started_bytes = 0
         self._handed_units = self._handed_bytes = 0
         self.max_in_flight_units_seen = 0
         self.max_in_flight_bytes_seen = 0
-        self._index = 0  # the unit next() returns next
+        self.reads_by_consumer = 0  # units next()'s caller read itself (share_reads)
         self._closed = False
         # Set to a list to record (unit index, start, end, bytes) of every read (perf_counter
         # seconds): an instrumented pass's trace. None on timed runs: no cost.
@@ -434,18 +440,14 @@ class Prefetcher:
             self._offsets.append(tuple(offsets))
             slab_bytes = max(slab_bytes, end)
         self.slab_bytes = slab_bytes
-        self._free_slabs: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(depth + 1):
-            self._free_slabs.put(aligned_empty(max(slab_bytes, ALIGN_BYTES)))
+        self._free_slabs = [aligned_empty(max(slab_bytes, ALIGN_BYTES)) for _ in range(depth + 1)]
         self._lent_slabs: dict[int, np.ndarray] = {}
         self._lent_bytes: dict[int, int] = {}
-        if depth:
-            self._slots: queue.SimpleQueue = queue.SimpleQueue()  # one token per free slot
-            for _ in range(depth):
-                self._slots.put(None)
-            self._ready: queue.SimpleQueue = queue.SimpleQueue()
+        self._cv = threading.Condition(threading.Lock())
+        self._done: dict[int, tuple | _Failure] = {}  # count -> (arrays, slab) read, not handed
+        if depth:  # started by the first next(): nothing is read (resident) before it is asked for
             self._thread = threading.Thread(target=self._run, name="stagejax-prefetch", daemon=True)
-            self._thread.start()
+        self._thread_started = False
 
     @property
     def in_flight_units(self) -> int:
@@ -455,102 +457,139 @@ class Prefetcher:
     def in_flight_bytes(self) -> int:
         return self._started_bytes - self._handed_bytes
 
-    def _run(self) -> None:
-        units, sizes, fds, n = self._units, self._unit_bytes, self._unit_fds, len(self._units)
-        read_unit, slots, ready, i = self._store._read_unit_into, self._slots, self._ready, 0
-        offsets, free_slabs = self._offsets, self._free_slabs
+    def _may_start(self) -> bool:
+        return self._started_units - self._handed_units < self.depth and bool(self._free_slabs)
+
+    def _claim(self, ahead: bool = True) -> tuple[int, np.ndarray]:
+        """Claim the next unit nobody has started and a slab for it (hold _cv; _may_start()).
+        `ahead` False: depth 0's synchronous read, never in flight."""
+        count = self._started_units
+        self._started_units = count + 1
+        self._started_bytes += self._unit_bytes[count % len(self._units)]
+        if not ahead:
+            return count, self._free_slabs.pop()
+        in_flight = self._started_units - self._handed_units
+        if in_flight > self.max_in_flight_units_seen:
+            self.max_in_flight_units_seen = in_flight
+        in_flight = self._started_bytes - self._handed_bytes
+        if in_flight > self.max_in_flight_bytes_seen:
+            self.max_in_flight_bytes_seen = in_flight
+        return count, self._free_slabs.pop()
+
+    def _read(self, count: int, slab: np.ndarray) -> tuple | _Failure:
+        """Read a claimed unit into `slab` (without holding _cv)."""
+        i = count % len(self._units)
         try:
-            while True:
-                slots.get()
-                if self._closed:
-                    return
-                self._started_units += 1
-                self._started_bytes += sizes[i]
-                # next() updates _handed_* before it frees a slot, so these never overcount.
-                in_flight = self._started_units - self._handed_units
-                if in_flight > self.max_in_flight_units_seen:
-                    self.max_in_flight_units_seen = in_flight
-                in_flight = self._started_bytes - self._handed_bytes
-                if in_flight > self.max_in_flight_bytes_seen:
-                    self.max_in_flight_bytes_seen = in_flight
-                if self.advise_ahead:
-                    for fd in fds[i + 1 if i + 1 < n else 0]:
-                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-                slab = free_slabs.get()
-                if self._closed:
-                    return
-                log = self.load_log
-                if log is None:
-                    ready.put((read_unit(units[i], offsets[i], slab), slab))
-                else:
-                    start = time.perf_counter()
-                    arrays = read_unit(units[i], offsets[i], slab)
-                    log.append((i, start, time.perf_counter(), sizes[i]))
-                    ready.put((arrays, slab))
-                i = i + 1 if i + 1 < n else 0
+            if self.advise_ahead:
+                for fd in self._unit_fds[(i + 1) % len(self._units)]:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            log = self.load_log
+            if log is None:
+                return self._store._read_unit_into(self._units[i], self._offsets[i], slab), slab
+            start = time.perf_counter()
+            arrays = self._store._read_unit_into(self._units[i], self._offsets[i], slab)
+            log.append((i, start, time.perf_counter(), self._unit_bytes[i]))
+            return arrays, slab
         except BaseException as error:  # handed to the consumer by next()
-            ready.put(_Failure(error))
+            return _Failure(error)
+
+    def _run(self) -> None:
+        cv = self._cv
+        while True:
+            with cv:
+                while not self._closed and not self._may_start():
+                    cv.wait()
+                if self._closed:
+                    return
+                count, slab = self._claim()
+            item = self._read(count, slab)
+            with cv:
+                self._done[count] = item
+                cv.notify_all()
+            if type(item) is _Failure:
+                return
 
     def next(self) -> dict[str, np.ndarray]:
         """The next unit's arrays (lent: `release` them), in unit order, cycling."""
         if self._closed:
             raise ValueError("Prefetcher is closed")
-        i = self._index
-        self._index = i + 1 if i + 1 < len(self._units) else 0
-        if self._thread is None:
-            start = time.perf_counter()
-            slab = self._free_slabs.get_nowait()
-            arrays = self._store._read_unit_into(self._units[i], self._offsets[i], slab)
-            self._store._add_wait(time.perf_counter() - start)
-            self._lend(arrays, slab, i)
-            return arrays
-        try:
-            item = self._ready.get_nowait()
-        except queue.Empty:
-            start = time.perf_counter()
-            item = self._ready.get()
-            self._store._add_wait(time.perf_counter() - start)
+        cv, done = self._cv, self._done
+        if self._thread is not None and not self._thread_started:
+            self._thread_started = True
+            self._thread.start()
+        with cv:
+            count = self._handed_units
+            if self._thread is None:  # depth 0: read it now
+                count, slab = self._claim(ahead=False)
+                start = time.perf_counter()
+                item = self._read(count, slab)
+                self._store._add_wait(time.perf_counter() - start)
+            else:
+                item = done.pop(count, None)
+                if item is None:
+                    start = time.perf_counter()
+                    while item is None:
+                        if self.share_reads and self._may_start():
+                            own, slab = self._claim()
+                            cv.release()
+                            try:
+                                read = self._read(own, slab)
+                            finally:
+                                cv.acquire()
+                            self.reads_by_consumer += 1
+                            if own != count:
+                                done[own] = read
+                                cv.notify_all()
+                                item = done.pop(count, None)
+                            else:
+                                item = read
+                        else:
+                            cv.wait()
+                            item = done.pop(count, None)
+                    self._store._add_wait(time.perf_counter() - start)
+            i = count % len(self._units)
+            if type(item) is _Failure:
+                self._closed = True
+                cv.notify_all()
+            else:
+                self._handed_units += 1
+                self._handed_bytes += self._unit_bytes[i]
+                arrays, slab = item
+                self._lent_slabs[id(arrays)] = slab
+                self._lent_bytes[id(arrays)] = self._unit_bytes[i]
+                cv.notify_all()  # a slot is free
         if type(item) is _Failure:
-            self._closed = True
+            self.close()
             raise item.error
-        self._handed_units += 1
-        self._handed_bytes += self._unit_bytes[i]
-        self._slots.put(None)
-        arrays, slab = item
-        self._lend(arrays, slab, i)
         return arrays
-
-    def _lend(self, arrays, slab, i) -> None:
-        self._lent_slabs[id(arrays)] = slab
-        self._lent_bytes[id(arrays)] = self._unit_bytes[i]
 
     def release(self, arrays) -> None:
         """Give a unit's slab back (its arrays must not be used afterwards)."""
-        slab = self._lent_slabs.pop(id(arrays), None)
-        if slab is None:
-            raise ValueError("release() of a unit this prefetcher did not hand out, or released twice")
-        with self._store._lock:
-            self._store.resident_bytes -= self._lent_bytes.pop(id(arrays))
-        self._free_slabs.put(slab)
+        with self._cv:
+            slab = self._lent_slabs.pop(id(arrays), None)
+            if slab is None:
+                raise ValueError("release() of a unit this prefetcher did not hand out, or "
+                                 "released twice")
+            with self._store._lock:
+                self._store.resident_bytes -= self._lent_bytes.pop(id(arrays))
+            self._free_slabs.append(slab)
+            self._cv.notify_all()
 
     def close(self) -> None:
         """Stop the thread and return the units read ahead to the pool."""
-        if self._closed and self._thread is None:
-            return
-        self._closed = True
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
         if self._thread is not None:
-            self._slots.put(None)  # wake the thread if it waits for a slot
-            self._free_slabs.put(aligned_empty(ALIGN_BYTES))  # ... or for a slab
-            self._thread.join()
+            if self._thread_started:
+                self._thread.join()
             self._thread = None
-            while True:  # units read ahead and never handed over
-                try:
-                    item = self._ready.get_nowait()
-                except queue.Empty:
-                    break
+        with self._cv:
+            for item in self._done.values():  # units read ahead and never handed over
                 if type(item) is not _Failure:
                     with self._store._lock:
                         self._store.resident_bytes -= sum(a.nbytes for a in item[0].values())
+            self._done.clear()
             self._handed_units, self._handed_bytes = self._started_units, self._started_bytes
 
     def __enter__(self) -> "Prefetcher":
