@@ -6,7 +6,7 @@ statistics), schedules.csv, kinds.csv, groups.csv, predicted_vs_measured.json, r
 predicted_vs_measured.png. The chart's roofline is the device of --device (default this_machine:
 the cached calibration; it is measured, ~10 s, only if no calibration is cached).
 
-    python experiments/predicted_vs_measured.py experiments/results/schedules_smollm2/*/
+    python experiments/predicted_vs_measured.py experiments/results/schedules_smollm2/*/round1/
     python experiments/predicted_vs_measured.py experiments/results/budget_smollm2 --out /tmp/pvm
 
 A directory without metrics.json that holds runs below it (a sweep) stands for those runs; runs
