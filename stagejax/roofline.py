@@ -567,8 +567,9 @@ def predict_step(group_costs: Sequence[Cost], streamed: Sequence[bool], device: 
       * the loader cycles across steps (the next step's first units load during this step's
         last groups), so `steps` steps are simulated and the last one reported (steady state).
     Not modelled: contention between the loader thread and compute for cores and memory
-    bandwidth (on a 2-core machine the copy slows compute), and per-group Python overhead
-    beyond `device.call_overhead_s` per call.
+    bandwidth (on a 2-core machine the copy slows compute), the executor reading units itself
+    while it would wait (`Prefetcher.share_reads`), and per-group Python overhead beyond
+    `device.call_overhead_s` per call.
     """
     if len(group_costs) != len(streamed):
         raise ValueError(f"{len(group_costs)} group costs but {len(streamed)} streamed flags")
