@@ -441,10 +441,8 @@ class Prefetcher:
             self._offsets.append(tuple(offsets))
             slab_bytes = max(slab_bytes, end)
         self.slab_bytes = slab_bytes
-        # Reused in rotation (first released, first reused): the units of a cycle then map to
-        # slabs in a fixed pattern, so slabs that only ever hold small units keep most of their
-        # pages untouched. A stack let the 113 MB LM-head unit of `op` land in every slab over
-        # a run (measured decode peak 433 MB, its whole plan, instead of ~120 MB).
+        # Reused in rotation (first released, first reused), as the queue before shared reads
+        # did. Which slabs a large unit lands in then depends only on the cycle's unit count.
         self._free_slabs = collections.deque(
             aligned_empty(max(slab_bytes, ALIGN_BYTES)) for _ in range(depth + 1))
         self._lent_slabs: dict[int, np.ndarray] = {}
