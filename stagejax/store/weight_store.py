@@ -449,9 +449,12 @@ class Prefetcher:
         self._lent_bytes: dict[int, int] = {}
         self._cv = threading.Condition(threading.Lock())
         self._done: dict[int, tuple | _Failure] = {}  # count -> (arrays, slab) read, not handed
-        if depth:  # started by the first next(): nothing is read (resident) before it is asked for
+        # The thread starts now (its stack and state are the runtime's) but reads nothing until
+        # the first next(): a unit read during set-up would count in a run's baseline.
+        self._reading = False
+        if depth:
             self._thread = threading.Thread(target=self._run, name="stagejax-prefetch", daemon=True)
-        self._thread_started = False
+            self._thread.start()
 
     @property
     def in_flight_units(self) -> int:
@@ -501,7 +504,7 @@ class Prefetcher:
         cv = self._cv
         while True:
             with cv:
-                while not self._closed and not self._may_start():
+                while not self._closed and not (self._reading and self._may_start()):
                     cv.wait()
                 if self._closed:
                     return
@@ -518,10 +521,10 @@ class Prefetcher:
         if self._closed:
             raise ValueError("Prefetcher is closed")
         cv, done = self._cv, self._done
-        if self._thread is not None and not self._thread_started:
-            self._thread_started = True
-            self._thread.start()
         with cv:
+            if not self._reading:
+                self._reading = True
+                cv.notify_all()
             count = self._handed_units
             if self._thread is None:  # depth 0: read it now
                 count, slab = self._claim(ahead=False)
@@ -585,8 +588,7 @@ class Prefetcher:
             self._closed = True
             self._cv.notify_all()
         if self._thread is not None:
-            if self._thread_started:
-                self._thread.join()
+            self._thread.join()
             self._thread = None
         with self._cv:
             for item in self._done.values():  # units read ahead and never handed over
