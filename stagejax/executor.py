@@ -334,7 +334,8 @@ class StagedDecoder:
                            lambda n_groups: self.cache.block_bytes(n_groups, self.kv_block),
                            self.cache.layer_bytes(),
                            getattr(self.prefetcher, "slab_bytes", 0),
-                           lambda keys: largest_dequantized_bytes(keys, self.store.manifest.arrays))
+                           lambda keys: largest_dequantized_bytes(keys, self.store.manifest.arrays),
+                           kv_buffer_persists=self.kv_layout.location == "disk")
 
     # ---- running ---------------------------------------------------------------------------
 

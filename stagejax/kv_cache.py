@@ -136,7 +136,7 @@ class HostKVCache:
         self.scale_block_shape = self.block_shape[:-1] if layout.quantized else None
         self.bytes_read = 0
         self.bytes_written = 0
-        self._block_buffers: dict[tuple, np.ndarray] = {}
+        self._block_buffers: dict[int, np.ndarray] = {}  # part -> bytes of its read buffer
         # The last block read, still in its buffer: GQA heads of one kv group attend the same
         # block one after another (atomic: 3 heads per group on SmolLM2), so they share a read.
         self._last_read: tuple | None = None
@@ -331,14 +331,24 @@ class HostKVCache:
         return plan
 
     def _buffer(self, shape, dtype, which: int) -> np.ndarray:
-        key = (tuple(shape), np.dtype(dtype).str, which)
-        if key not in self._block_buffers:
+        """A view of shape `shape` over the read buffer of part `which` (values, scales).
+
+        One buffer per part, grown to the largest read so far and reused by every read: what
+        stays resident between reads is the largest read (the plan charges exactly that to
+        every group, `scheduler.plan_groups`), not one buffer per read shape.
+        """
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        buffer = self._block_buffers.get(which)
+        if buffer is None or buffer.nbytes < nbytes:
             # Zeroed once: rows past `past_len` are masked, but a masked softmax weight of 0
             # times uninitialised memory can still be NaN. Later reads leave finite KV there.
-            buffer = aligned_empty(shape, dtype)
+            buffer = aligned_bytes(nbytes)
             buffer.fill(0)
-            self._block_buffers[key] = buffer
-        return self._block_buffers[key]
+            self._block_buffers[which] = buffer
+            self._read_plans.clear()  # they hold views of the buffer this one replaces
+            self._last_read = None
+        return buffer[:nbytes].view(dtype).reshape(shape)
 
     def _pread(self, fd: int, out: np.ndarray, offset: int) -> None:
         view = memoryview(out.reshape(-1).view(np.uint8))

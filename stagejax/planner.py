@@ -145,6 +145,9 @@ class PlanContext:
     warm: bool = True
     tokens: int = 1
     dequant_bytes_of: Callable[[Sequence[str]], int] | None = None  # quantized checkpoints
+    # A disk cache's read buffer stays resident between groups (`plan_groups`): the largest KV
+    # read of the plan, charged to every group. Budget policies find it by re-planning.
+    kv_resident_bytes: int = 0
 
     def __post_init__(self):
         self._time_cache: dict[tuple, tuple[float, float, float]] = {}
@@ -153,8 +156,10 @@ class PlanContext:
 
     def fixed_bytes(self, group: Group) -> int:
         """Activation + KV bytes a group holds (everything but weights and slabs)."""
-        return (activation_bytes(group, self.config, self.tokens)
-                + kv_read_bytes(group, self.config, self.kv_block_bytes, self.kv_layer_bytes)
+        kv = kv_read_bytes(group, self.config, self.kv_block_bytes, self.kv_layer_bytes)
+        if self.kv_on_disk:
+            kv = max(kv, self.kv_resident_bytes)
+        return (activation_bytes(group, self.config, self.tokens) + kv
                 + (self.dequant_bytes_of(group.weight_keys) if self.dequant_bytes_of else 0))
 
     def peak(self, group: Group, slab: int) -> int:
@@ -363,6 +368,25 @@ def _candidate_slabs(stages, ctx, budget) -> list[int]:
     return caps or [cap]
 
 
+def _budget_policy_groups(policy: str, stages, segs, ctx: PlanContext, budget_bytes: int) -> list[Group]:
+    """The grouping a budget policy makes under `ctx` (raises InfeasibleBudget)."""
+    if policy == "optimal":
+        best = None
+        for slab in _candidate_slabs(stages, ctx, budget_bytes):
+            try:
+                objective, groups = _optimal_groups(segs, ctx, budget_bytes, slab)
+            except ValueError:
+                continue
+            if best is None or objective < best[0] - 1e-15:
+                best = (objective, groups)
+        if best is None:
+            raise _infeasible(stages, ctx, budget_bytes)
+        return best[1]
+    slab = _slab_cap(stages, ctx, budget_bytes)
+    pack = _budget_groups if policy == "budget" else _similar_size_groups
+    return pack(segs, ctx, budget_bytes, slab)
+
+
 def make_plan(stages: Sequence[Stage], policy: str, ctx: PlanContext,
               budget_bytes: int | None = None) -> Plan:
     """Group `stages` by `policy` and account for every group; validates the budget."""
@@ -373,22 +397,16 @@ def make_plan(stages: Sequence[Stage], policy: str, ctx: PlanContext,
             raise ValueError(f"schedule.policy={policy} needs schedule.budget_mb (a RAM budget in MB)")
         check_atomic_fits(stages, ctx, budget_bytes)
         segs = segments(stages)
-        if policy == "optimal":
-            best = None
-            for slab in _candidate_slabs(stages, ctx, budget_bytes):
-                try:
-                    objective, groups = _optimal_groups(segs, ctx, budget_bytes, slab)
-                except ValueError:
-                    continue
-                if best is None or objective < best[0] - 1e-15:
-                    best = (objective, groups)
-            if best is None:
-                raise _infeasible(stages, ctx, budget_bytes)
-            groups = best[1]
-        else:
-            slab = _slab_cap(stages, ctx, budget_bytes)
-            pack = _budget_groups if policy == "budget" else _similar_size_groups
-            groups = pack(segs, ctx, budget_bytes, slab)
+        # Every group is charged the disk cache's read buffer, the plan's largest KV read,
+        # which depends on the grouping: plan, charge that read, and plan again until the
+        # charge covers the plan's own largest read (the charge only grows; a few rounds).
+        for _ in range(8):
+            groups = _budget_policy_groups(policy, stages, segs, ctx, budget_bytes)
+            largest_read = max(kv_read_bytes(g, ctx.config, ctx.kv_block_bytes, ctx.kv_layer_bytes)
+                               for g in groups)
+            if not ctx.kv_on_disk or largest_read <= ctx.kv_resident_bytes:
+                break
+            ctx = dataclasses.replace(ctx, kv_resident_bytes=largest_read)
     else:
         groups = group_stages(stages, policy, ctx.config)
     plan = account(policy, groups, ctx, budget_bytes)
@@ -411,7 +429,7 @@ def account(policy: str, groups: Sequence[Group], ctx: PlanContext,
     slab = max((ctx.unit_bytes(g) for g in groups), default=0)
     memory: list[GroupPlan] = plan_groups(groups, ctx.config, ctx.stored_bytes, ctx.tokens,
                                           ctx.prefetch_depth, ctx.kv_block_bytes, ctx.kv_layer_bytes,
-                                          slab, ctx.dequant_bytes_of)
+                                          slab, ctx.dequant_bytes_of, kv_buffer_persists=ctx.kv_on_disk)
     rows, costs = [], []
     for group, mem in zip(groups, memory):
         objective, compute, load = ctx.time(group)

@@ -167,12 +167,18 @@ def kv_read_bytes(group: Group, config: ModelConfig, kv_block_bytes, layer_past_
 
 def plan_groups(groups: Sequence[Group], config: ModelConfig, weight_bytes_of, tokens: int,
                 prefetch_depth: int, kv_block_bytes, layer_past_bytes: int,
-                slab_bytes: int = 0, dequant_bytes_of=None) -> list[GroupPlan]:
+                slab_bytes: int = 0, dequant_bytes_of=None,
+                kv_buffer_persists: bool = False) -> list[GroupPlan]:
     """Memory accounting of every group (design §5): `weight_bytes_of(keys)` gives stored
     bytes; the embed group holds only its tokens' rows. With `slab_bytes` (the prefetcher
     reads every unit into one of depth + 1 slabs of that size), a streamed group's weights
     occupy a slab and each unit in flight another. `dequant_bytes_of(keys)`: the float32
-    temporary of a group's largest quantized matrix (quantized checkpoints)."""
+    temporary of a group's largest quantized matrix (quantized checkpoints).
+    `kv_buffer_persists` (a cache on disk): KV reads land in one buffer that the cache keeps
+    between groups, as large as the plan's largest read, so every group is charged that."""
+    kv = [kv_read_bytes(g, config, kv_block_bytes, layer_past_bytes) for g in groups]
+    if kv_buffer_persists and kv:
+        kv = [max(kv)] * len(kv)
     streamed = [weight_bytes_of(g.weight_keys) if streams_weights(g) else 0 for g in groups]
     units = [i for i, g in enumerate(groups) if streams_weights(g)]
     rows = []
@@ -193,7 +199,6 @@ def plan_groups(groups: Sequence[Group], config: ModelConfig, weight_bytes_of, t
                 ahead = sum(streamed[units[(position + j) % len(units)]] for j in range(prefetch_depth))
         buffer = slab_bytes if streamed[i] else 0
         rows.append(GroupPlan(group.id, group.kind, len(group.stages), w,
-                              activation_bytes(group, config, tokens),
-                              kv_read_bytes(group, config, kv_block_bytes, layer_past_bytes), ahead,
+                              activation_bytes(group, config, tokens), kv[i], ahead,
                               buffer, dequant_bytes_of(group.weight_keys) if dequant_bytes_of else 0))
     return rows
