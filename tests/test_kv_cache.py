@@ -107,3 +107,25 @@ def test_read_size_must_cover_whole_blocks():
         CacheSettings(dtype="float8")
     with pytest.raises(ValueError, match="cache.dtype"):
         KVLayout(dtype="float16")
+
+
+@pytest.mark.parametrize("dtype", ops.KV_DTYPES)
+def test_disk_reads_share_one_buffer_as_large_as_the_largest_read(dtype):
+    """Reads of every shape land in one buffer per part (values, scales) kept between reads:
+    what stays resident is the largest read, which the plan charges to every group."""
+    layout = KVLayout("disk", "head_major", 4, dtype)
+    cache, k, v = filled_cache(layout)
+    try:
+        small = cache.read_block(0, 0, 1, 0, 8)
+        largest = sum(part.nbytes for part in small)
+        assert cache.resident_bytes() == largest
+        whole = cache.read_past(0, k.shape[0])
+        largest = max(largest, sum(part.nbytes for part in whole))
+        assert cache.resident_bytes() == largest
+        again = cache.read_block(0, 1, 1, 8, 8)  # a smaller read after a larger one: no new buffer
+        assert cache.resident_bytes() == largest
+        expect_k = np.asarray(ops.kv_roundtrip(jnp.asarray(k), dtype))
+        got_k, _ = stored_kv(again, layout.order, layout.dtype, 1, 1)
+        np.testing.assert_array_equal(np.asarray(got_k), expect_k[8:16, 1:2])
+    finally:
+        cache.close()

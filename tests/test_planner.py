@@ -18,7 +18,7 @@ from stagejax.model_config import ModelConfig
 from stagejax.planner import (BUDGET_POLICIES, InfeasibleBudget, PlanContext, account, make_plan,
                               optimal_partition, segments, valid_group)
 from stagejax.roofline import Device
-from stagejax.scheduler import Group
+from stagejax.scheduler import Group, kv_read_bytes
 from stagejax.stages import ChunkLayout, build_stages
 from stagejax.store import WeightStore, assemble_params, convert_checkpoint
 
@@ -127,6 +127,22 @@ def test_optimal_never_predicted_slower_and_budgets_hold(budget_kb):
     assert optimal <= plans["budget"].predicted_step_s + 1e-12
     assert optimal <= plans["similar_size"].predicted_step_s + 1e-12
     assert optimal <= account("atomic", [Group((s,)) for s in stages], ctx).predicted_step_s + 1e-12
+
+
+@pytest.mark.parametrize("budget_kb", [64, 160, 2048])
+def test_every_group_is_charged_the_disk_caches_largest_read(budget_kb):
+    """A disk cache keeps its read buffer between groups (as large as the plan's largest KV
+    read), so every group's peak includes it, also groups that read no KV."""
+    layout = ChunkLayout.create(SMALL, ffn_chunks=4, vocab_chunk=20)
+    ctx = context(SMALL, layout)
+    stages = build_stages(SMALL, layout)
+    for policy in BUDGET_POLICIES:
+        plan = make_plan(stages, policy, ctx, budget_kb * KB)
+        largest = max(kv_read_bytes(g, SMALL, ctx.kv_block_bytes, ctx.kv_layer_bytes)
+                      for g in plan.groups)
+        assert largest > 0
+        assert all(row.kv_bytes == largest for row in plan.rows)
+        assert plan.peak_bytes <= budget_kb * KB
 
 
 def test_bigger_budgets_give_fewer_groups():
