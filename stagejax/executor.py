@@ -22,7 +22,7 @@ from stagejax import measure
 from stagejax.activation_store import ActivationStore
 from stagejax.quant import largest_dequantized_bytes
 from stagejax.store.coalesce import CoalescingPrefetcher
-from stagejax.kv_cache import HostKVCache, KVLayout, aligned_empty, stored_kv
+from stagejax.kv_cache import HostKVCache, KVLayout, aligned_empty, stored_kv, stored_kv_group
 from stagejax.model_config import ModelConfig
 from stagejax.sampling import SamplingConfig, sample_token
 from stagejax.scheduler import (Group, GroupPlan, group_stages, kv_flush_points, plan_groups,
@@ -234,8 +234,8 @@ class StagedDecoder:
             position = 0
             for j, (kind, names) in enumerate(zip(kinds, leaves)):
                 if kind == "attn":
-                    past_k, past_v = stored_kv(past[stage_slots[j]], order, kv_dtype, 0,
-                                               config.n_kv_heads)
+                    past_k, past_v = stored_kv_group(past[stage_slots[j]], order, kv_dtype,
+                                                     index[j] // config.queries_per_kv_head)
                     w = {"past_k": past_k, "past_v": past_v, "kv_dtype": kv_dtype}
                 else:
                     w = dict(zip(names, weights[position:position + len(names)]))

@@ -86,6 +86,16 @@ def stored_kv(block: tuple, order: str, dtype: str, first_group, n_groups: int):
     return kv[0], kv[1]
 
 
+def stored_kv_group(block: tuple, order: str, dtype: str, group):
+    """Keys and values [S, 1, H] float32 of one kv group (traced `group`) from a whole-layer
+    read in storage form: the group is sliced out before dequantizing and transposing, so a
+    fused group's attention head touches its own group's rows only. Transposing the whole layer
+    per head made XLA materialise one copy of the layer's past per head (9 per SmolLM2 layer)."""
+    axis = 1 if order == "head_major" else 3  # values [n, K, 2, B, H] / [n, B, 2, K, H]
+    sliced = tuple(jax.lax.dynamic_slice_in_dim(part, group, 1, axis=axis) for part in block)
+    return stored_kv(sliced, order, dtype, 0, 1)
+
+
 def stored_row_bytes(config: ModelConfig, layout: KVLayout, n_groups: int) -> int:
     """Stored bytes (keys, values and their scales) of one row of `n_groups` kv groups."""
     itemsize = _NUMPY_DTYPES[layout.dtype].itemsize

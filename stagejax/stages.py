@@ -250,14 +250,13 @@ def attention_block_step(config, state, carry, ctx, first_head, n_heads: int, k_
 
 
 def attn_fn(config, state, weights, ctx, index):
-    """One head over the whole past of its layer (weights: "past_k", "past_v" [S, K, H] and
-    the cache's "kv_dtype"), for attention fused into a larger group."""
-    group = index // config.queries_per_kv_head
-    past_k = jax.lax.dynamic_slice_in_dim(weights["past_k"], group, 1, axis=1)
-    past_v = jax.lax.dynamic_slice_in_dim(weights["past_v"], group, 1, axis=1)
+    """One head over the whole past of its kv group (weights: "past_k", "past_v" [S, 1, H],
+    `kv_cache.stored_kv_group`, and the cache's "kv_dtype"), for attention fused into a larger
+    group."""
     t, h = state["q"].shape[1], state["q"].shape[3]
     state, _ = attention_block_step(config, state, ops.online_softmax_init(t, 1, h), ctx, index, 1,
-                                    past_k, past_v, 0, True, weights.get("kv_dtype", "float32"))
+                                    weights["past_k"], weights["past_v"], 0, True,
+                                    weights.get("kv_dtype", "float32"))
     return state
 
 
