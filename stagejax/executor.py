@@ -27,7 +27,7 @@ from stagejax.model_config import ModelConfig
 from stagejax.sampling import SamplingConfig, sample_token
 from stagejax.scheduler import (Group, GroupPlan, group_stages, kv_flush_points, plan_groups,
                                 streams_weights)
-from stagejax.stages import (STAGE_FNS, ChunkLayout, Stage, attention_block_step, build_stages,
+from stagejax.stages import (STAGE_FNS, ChunkLayout, Stage, attention_block_step, attn_layer_fn, build_stages,
                              init_state, kv_groups_of, scored_nll, stage_index_value)
 from stagejax import ops
 
@@ -229,10 +229,28 @@ class StagedDecoder:
         kv_slots = {layer: slot for slot, layer in enumerate(group.kv_layers)}
         stage_slots = [kv_slots.get(s.layer) for s in group.stages]
 
+        # A run of a layer's every attention head (attention stages of a layer are consecutive)
+        # is computed as one batched attention over the layer's past.
+        n_heads = config.n_heads
+        whole_layer = {j for j in range(len(kinds) - n_heads + 1)
+                       if kinds[j:j + n_heads] == ("attn",) * n_heads
+                       and (j == 0 or kinds[j - 1] != "attn")}
+
         def run(mut, const, weights, ctx, index, past):
             state = {**const, **mut}
             position = 0
+            skip = 0
             for j, (kind, names) in enumerate(zip(kinds, leaves)):
+                if skip:  # heads already computed with the layer's batched attention
+                    skip -= 1
+                    continue
+                if j in whole_layer:
+                    past_k, past_v = stored_kv(past[stage_slots[j]], order, kv_dtype, 0,
+                                               config.n_kv_heads)
+                    state = attn_layer_fn(config, state, {"past_k": past_k, "past_v": past_v,
+                                                          "kv_dtype": kv_dtype}, ctx, index[j])
+                    skip = n_heads - 1
+                    continue
                 if kind == "attn":
                     past_k, past_v = stored_kv_group(past[stage_slots[j]], order, kv_dtype,
                                                      index[j] // config.queries_per_kv_head)

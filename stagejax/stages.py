@@ -260,6 +260,19 @@ def attn_fn(config, state, weights, ctx, index):
     return state
 
 
+def attn_layer_fn(config, state, weights, ctx, index):
+    """Every head of a layer over the whole past (weights: "past_k", "past_v" [S, K, H] and
+    the cache's "kv_dtype") as one batched attention, as the `op` policy's attention group and
+    the monolithic model compute it: for a fused group holding a layer's whole attention. Per
+    head (`attn_fn`) XLA ran nine small attentions at ~3x the cost (SmolLM2, ~1 ms a layer)."""
+    t, h = state["q"].shape[1], state["q"].shape[3]
+    n = config.n_heads
+    state, _ = attention_block_step(config, state, ops.online_softmax_init(t, n, h), ctx, 0, n,
+                                    weights["past_k"], weights["past_v"], 0, True,
+                                    weights.get("kv_dtype", "float32"))
+    return state
+
+
 def o_fn(config, state, weights, ctx, index):
     y = ops.output_projection(state["attn"], quant.matrix(weights, "w", after=state["attn"]))
     if "b" in weights:
