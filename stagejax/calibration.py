@@ -46,7 +46,7 @@ import numpy as np
 from stagejax.results import atomic_write_json
 from stagejax.roofline import Device
 
-CALIBRATION_FORMAT = 5  # bump when the probes change meaning: cached records are re-measured
+CALIBRATION_FORMAT = 6  # bump when the probes change meaning: cached records are re-measured
 ALIGN_BYTES = 64  # buffers handed to reads are 64-byte aligned, as the weight store's are
 
 
@@ -326,6 +326,95 @@ def storage_probe(directory: Path, n_bytes: int = 256 << 20, repeats_cold: int =
                            f"buffer, {how}, median of {repeats_warm}", n_bytes=n_bytes))
 
 
+def contended_probe(directory: Path, copy_bytes: int = 128 << 20, matrix_shape=(2048, 8192),
+                    repeats: int = 5, chunk_bytes: int = 4 << 20) -> tuple[Measurement, Measurement]:
+    """(copy, matvec): the fraction of its rate alone that each keeps while both run at once,
+    as a streamed plan runs them — a thread copying a warm file into a ring of three reused
+    aligned buffers (the prefetcher's page-cache reads) while the calling thread runs jitted
+    batch-1 matvecs over resident weights (the executor's compute). They share the cores and
+    the memory bus. Fractions, not rates, because runs measure their own page-cache rate on
+    their checkpoint (`WeightStore.warm_read_rate`) and scale it.
+
+    Each repeat times both alone, then the matvecs over about `copy_bytes` of concurrent
+    copying; the concurrent copy rate counts the chunks that finished inside that window."""
+    import threading
+
+    import jax
+    import jax.numpy as jnp
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f".contended-probe-{os.getpid()}.bin"
+    rng = np.random.default_rng(3)
+    d_in, d_out = matrix_shape
+    w = jax.device_put(rng.standard_normal((d_in, d_out), dtype=np.float32))
+    x = jax.device_put(rng.standard_normal((1, d_in), dtype=np.float32))
+    matvec = jax.jit(lambda x, w: jnp.einsum("TD,DF->TF", x, w))
+    matvec(x, w).block_until_ready()
+    matvec_bytes = d_in * d_out * 4
+    calls = max(2, copy_bytes // matvec_bytes * 2)
+    try:
+        with open(path, "wb") as handle:
+            block = _distinct_pages(chunk_bytes).view(np.uint8)
+            for offset in range(0, copy_bytes, chunk_bytes):
+                block[:8] = np.frombuffer(offset.to_bytes(8, "little"), np.uint8)
+                handle.write(block.tobytes())
+        fd = os.open(path, os.O_RDONLY)
+        buffers = [_aligned(chunk_bytes) for _ in range(3)]
+
+        def copy_chunk(i: int) -> None:
+            os.preadv(fd, [memoryview(buffers[i % 3])], (i * chunk_bytes) % copy_bytes)
+
+        def matvecs() -> float:
+            start = time.perf_counter()
+            for _ in range(calls):
+                matvec(x, w).block_until_ready()
+            return time.perf_counter() - start
+
+        try:
+            for i in range(copy_bytes // chunk_bytes):  # warm the page cache
+                copy_chunk(i)
+            copy_fractions, matvec_fractions = [], []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for i in range(copy_bytes // chunk_bytes):
+                    copy_chunk(i)
+                copy_alone = copy_bytes / (time.perf_counter() - start)
+                matvec_alone = calls * matvec_bytes / matvecs()
+                stop = threading.Event()
+                done: list[float] = []  # end time of each copied chunk
+
+                def copy_loop():
+                    i = 0
+                    while not stop.is_set():
+                        copy_chunk(i)
+                        done.append(time.perf_counter())
+                        i += 1
+
+                thread = threading.Thread(target=copy_loop, daemon=True)
+                thread.start()
+                while not done:  # the copy is running before the window opens
+                    time.sleep(0.001)
+                start = time.perf_counter()
+                elapsed = matvecs()
+                end = start + elapsed
+                stop.set()
+                thread.join()
+                inside = sum(1 for t in done if start < t <= end)
+                copy_fractions.append(inside * chunk_bytes / elapsed / copy_alone)
+                matvec_fractions.append(calls * matvec_bytes / elapsed / matvec_alone)
+        finally:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+    finally:
+        path.unlink(missing_ok=True)
+    how = (f"rate while both run / rate alone: a thread os.preadv-copying a warm "
+           f"{copy_bytes >> 20} MiB file in {chunk_bytes >> 20} MiB chunks into 3 reused aligned "
+           f"buffers, and jax.jit [1,{d_in}] @ [{d_in},{d_out}] float32 matvecs in the calling "
+           f"thread; median of {repeats}")
+    return (Measurement.of(copy_fractions, "fraction", f"page-cache copy, {how}"),
+            Measurement.of(matvec_fractions, "fraction", f"matvec, {how}"))
+
+
 # ---- the calibration record -------------------------------------------------------------------
 
 
@@ -392,6 +481,9 @@ def run_probes(cache_dir: Path, *, quick: bool = False,
     cold, warm = storage_probe(cache_dir / "calibration", 256 << 20, 2 if quick else 3,
                                3 if quick else 5)
     probes["storage_cold"], probes["storage_warm"] = cold, warm
+    say("copy and compute at once")
+    probes["copy_contended"], probes["matvec_contended"] = contended_probe(
+        cache_dir / "calibration", 64 << 20 if quick else 128 << 20, repeats=3 if quick else 5)
     say("call overhead")
     probes["jit_call_overhead"] = call_overhead_probe(100, 11 if quick else 21)
     say("executor overhead per group")
@@ -421,7 +513,14 @@ def device_from_probes(probes: dict[str, Measurement], *, source: str,
                   ram_bytes=float(_ram_bytes()), source=source,
                   matvec_bytes_per_s=float(np.median(streaming)) if streaming else None,
                   llc_bytes=last_level_cache_bytes(),
+                  copy_contended_fraction=_fraction(probes, "copy_contended"),
+                  matvec_contended_fraction=_fraction(probes, "matvec_contended"),
                   notes=notes)
+
+
+def _fraction(probes: dict[str, Measurement], key: str) -> float:
+    """A contention fraction, capped at 1 (noise can make the pair look faster than alone)."""
+    return min(1.0, probes[key].value) if key in probes else 1.0
 
 
 def _device_from_dict(data: dict) -> Device:

@@ -26,7 +26,7 @@ from stagejax.kv_cache import HostKVCache, KVLayout, aligned_empty, stored_kv, s
 from stagejax.model_config import ModelConfig
 from stagejax.sampling import SamplingConfig, sample_token
 from stagejax.scheduler import (Group, GroupPlan, group_stages, kv_flush_points, plan_groups,
-                                streams_weights)
+                                streams_weights, xla_scratch_bytes)
 from stagejax.stages import (STAGE_FNS, ChunkLayout, Stage, attention_block_step, attn_layer_fn, build_stages,
                              init_state, kv_groups_of, scored_nll, stage_index_value)
 from stagejax import ops
@@ -167,6 +167,7 @@ class StagedDecoder:
         self.observer: Callable[[int, Group, float, float, float], None] | None = None
         start = time.perf_counter()
         self._executables: dict[tuple, Callable] = {}
+        self._specs: dict[int, tuple] = {}  # argument specs, by id() of the kept executable
         self._group_exe: dict[tuple[int, int, bool], Callable] = {}
         for tokens in sorted({1, prefill_block}):
             for scoring in (False, True):
@@ -266,10 +267,16 @@ class StagedDecoder:
         # donated buffer, so the output reuses it instead of allocating.
         options = ATTENTION_COMPILER_OPTIONS if "attn" in kinds else None
         executable = jax.jit(run, donate_argnums=(0,), keep_unused=True, compiler_options=options)
-        _warm_up(executable, {e: state_spec[e] for e in written}, {e: state_spec[e] for e in read_only},
-                 weight_specs, self._ctx_spec(tokens, scoring),
-                 jax.ShapeDtypeStruct((len(group.stages),), jnp.int32), past_spec)
+        return self._keep(signature, executable, (
+            {e: state_spec[e] for e in written}, {e: state_spec[e] for e in read_only},
+            weight_specs, self._ctx_spec(tokens, scoring),
+            jax.ShapeDtypeStruct((len(group.stages),), jnp.int32), past_spec))
+
+    def _keep(self, signature: tuple, executable, specs: tuple):
+        """Compile `executable` for `specs` (`_warm_up`) and keep it under `signature`."""
+        _warm_up(executable, *specs)
         self._executables[signature] = executable
+        self._specs[id(executable)] = specs
         return executable
 
     def _host_specs(self, n_groups: int | None, rows: int) -> tuple[Host, ...]:
@@ -306,19 +313,17 @@ class StagedDecoder:
                 return fold(attn, fresh(), const, block, ctx, first_head, 0)[0]
             executable = jax.jit(run, donate_argnums=(0,), keep_unused=True,
                                  compiler_options=ATTENTION_COMPILER_OPTIONS)
-            _warm_up(executable, state_spec["attn"], const_spec, block_spec, ctx_spec, scalar)
+            specs = (state_spec["attn"], const_spec, block_spec, ctx_spec, scalar)
         elif mode == "first":
             def run(const, block, ctx, first_head):
                 return fold(None, fresh(), const, block, ctx, first_head, 0)[1]
             executable = jax.jit(run, compiler_options=ATTENTION_COMPILER_OPTIONS)
-            _warm_up(executable, const_spec, block_spec, ctx_spec, scalar)
+            specs = (const_spec, block_spec, ctx_spec, scalar)
         else:
             executable = jax.jit(fold, donate_argnums=(0, 1) if finish else (1,), keep_unused=True,
                                  compiler_options=ATTENTION_COMPILER_OPTIONS)
-            _warm_up(executable, state_spec["attn"], carry_spec, const_spec, block_spec, ctx_spec,
-                     scalar, scalar)
-        self._executables[signature] = executable
-        return executable
+            specs = (state_spec["attn"], carry_spec, const_spec, block_spec, ctx_spec, scalar, scalar)
+        return self._keep(signature, executable, specs)
 
     def dry_run(self) -> None:
         """One prefill pass and one decode step on zero weights, through the real code path.
@@ -341,6 +346,20 @@ class StagedDecoder:
             if self.activation_store is not None:
                 self.activation_store.bytes_read = self.activation_store.bytes_written = 0
 
+    def temp_bytes(self, tokens: int = 1, scoring: bool = False) -> list[int]:
+        """Per group, the largest scratch memory XLA allocates inside any of its executables
+        (`memory_analysis().temp_size_in_bytes`): intermediates such as a transposed past or a
+        materialised product live there, outside the arguments and outputs the plan counts.
+        Reads the compiled executables (cached: no recompilation)."""
+        def temp(executable) -> int:
+            compiled = executable.lower(*self._specs[id(executable)]).compile()
+            return int(compiled.memory_analysis().temp_size_in_bytes)
+        result = []
+        for gi in range(len(self.groups)):
+            exe = self._group_exe[(gi, tokens, scoring)]
+            result.append(max(temp(e) for e in (exe.values() if isinstance(exe, dict) else [exe])))
+        return result
+
     @property
     def n_executables(self) -> int:
         return len(self._executables) + 1  # + the sampler
@@ -353,7 +372,9 @@ class StagedDecoder:
                            self.cache.layer_bytes(),
                            getattr(self.prefetcher, "slab_bytes", 0),
                            lambda keys: largest_dequantized_bytes(keys, self.store.manifest.arrays),
-                           kv_buffer_persists=self.kv_layout.location == "disk")
+                           kv_buffer_persists=self.kv_layout.location == "disk",
+                           scratch_bytes_of=lambda group: xla_scratch_bytes(
+                               group, self.config, tokens, self.kv_block, self.cache.capacity))
 
     # ---- running ---------------------------------------------------------------------------
 

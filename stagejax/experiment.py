@@ -59,6 +59,7 @@ def plan_context(settings: RunSettings, config, layout: ChunkLayout, store: Weig
         kv_block_bytes=lambda n_groups: kv_read_bytes(config, kv_layout, n_groups, kv_block),
         kv_layer_bytes=rows * stored_row_bytes(config, kv_layout, config.n_kv_heads),
         prefetch_depth=schedule.prefetch_depth, device=device, kv_len=capacity, kv_block=kv_block,
+        past_rows=rows,
         kv_bits=stored_row_bytes(config, kv_layout, 1) * 8 / (2 * config.head_dim),
         kv_on_disk=kv_layout.location == "disk",
         dequant_bytes_of=lambda keys: largest_dequantized_bytes(keys, arrays))

@@ -20,21 +20,21 @@ the same stages, so each layer gets the same grouping and its groups share execu
 
 Memory of a candidate group. The prefetcher reads every unit into one of depth + 1 slabs as
 large as the largest unit, so a plan's slab size S couples its groups: a streamed group holds
-S + activations + KV + depth x S. The packing policies therefore fix a slab cap S first (the
-largest the budget allows for the stage with the most activation+KV bytes; `optimal` also
-tries smaller caps, which leave room for groups that read a whole layer's KV), then keep
-every group's weights under S.
+S + activations + KV + XLA temporaries + depth x S. The packing policies therefore fix a
+slab cap S first, then keep every group's weights under S. They try caps from the largest the
+budget allows for the stage with the most activation+KV bytes down to the largest atomic unit
+(smaller caps leave room for groups that read a whole layer's KV): `budget` and
+`similar_size` keep the packing with the fewest groups, `optimal` the least predicted time.
 
 Time of a candidate group (the separable objective the DP minimises): with a warm page cache,
-`warm_group_time` — the main thread's work (FLOPs or bytes computed on, the KV blocks it copies
-from the page cache, the executor's measured per-call cost) plus the page-cache copies of the
-group's streamed weights, added, not overlapped: on the 2-core machine measured here the
-prefetch thread's copies and the executor's two-threaded matvecs compete for the cores and the
-memory bus, and every staged plan's step measured ~ its resident-weights time + the copy time
-(docs/design-notes.md). Cold: max(compute, load) with prefetch (compute + load without).
-`Plan.predicted_step_s` is this sum; `Plan.pipeline_step_s` is the roofline's event simulation
-of the prefetch pipeline (`roofline.predict_step`, which assumes loads and compute overlap
-freely), for comparison.
+`warm_group_time` — the executor's work (FLOPs or bytes computed on, the KV blocks it copies
+from the page cache, its measured per-call cost) and the page-cache copies of the group's
+streamed weights, shared between the prefetch thread and the executor when there is a
+prefetch thread (max(main, (main + copy) / 2), at the rates calibrated while copies and compute
+run at once), added when there is none. Cold: max(compute, load) with prefetch (compute + load
+without). `Plan.predicted_step_s` is this sum; `Plan.pipeline_step_s` is the roofline's event
+simulation of the prefetch pipeline with shared reads (`roofline.predict_step`), which also
+sees how units of different sizes split between the two threads.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ from typing import Callable, Sequence
 
 from stagejax import roofline
 from stagejax.model_config import ModelConfig
-from stagejax.scheduler import (FIXED_POLICIES, Group, GroupPlan, activation_bytes, group_stages,
-                                kv_read_bytes, plan_groups, streams_weights)
+from stagejax.scheduler import (FIXED_POLICIES, Group, GroupPlan, activation_bytes,
+                                group_stages, kv_read_bytes, plan_groups, streams_weights,
+                                xla_scratch_bytes)
 from stagejax.stages import ChunkLayout, Stage
 
 BUDGET_POLICIES = ("budget", "similar_size", "optimal")
@@ -70,6 +71,7 @@ class PlanRow:
     kv_bytes: int
     prefetch_bytes: int
     buffer_bytes: int
+    scratch_bytes: int  # XLA's temporaries (scheduler.xla_scratch_bytes)
     peak_bytes: int
     flops: float
     bytes_moved: float  # weights + KV + activations the group reads and writes (roofline)
@@ -102,7 +104,7 @@ class Plan:
     def table(self, max_rows: int | None = 40) -> str:
         """The plan as a fixed-width table (long plans: first and last rows)."""
         head = (f"{'group':<28} {'stages':>6} {'weights MB':>10} {'act KB':>8} {'KV KB':>8} "
-                f"{'ahead MB':>8} {'peak MB':>8} {'MFLOP':>8} {'pred ms':>8}")
+                f"{'XLA KB':>8} {'ahead MB':>8} {'peak MB':>8} {'MFLOP':>8} {'pred ms':>8}")
         lines = [f"plan: {self.policy}, {len(self.rows)} groups, peak {self.peak_bytes / MB:.2f} MB"
                  + (f" (budget {self.budget_bytes / MB:.2f} MB)" if self.budget_bytes else "")
                  + f", predicted step {self.predicted_step_s * 1e3:.1f} ms"
@@ -116,7 +118,7 @@ class Plan:
                 continue
             lines.append(f"{r.group_id[:28]:<28} {len(r.stage_ids):>6} {r.weight_bytes / MB:>10.3f} "
                          f"{r.activation_bytes / 1024:>8.1f} {r.kv_bytes / 1024:>8.1f} "
-                         f"{r.prefetch_bytes / MB:>8.2f} {r.peak_bytes / MB:>8.2f} "
+                         f"{r.scratch_bytes / 1024:>8.1f} {r.prefetch_bytes / MB:>8.2f} {r.peak_bytes / MB:>8.2f} "
                          f"{r.flops / 1e6:>8.2f} {r.predicted_s * 1e3:>8.3f}")
         return "\n".join(lines)
 
@@ -140,6 +142,7 @@ class PlanContext:
     device: roofline.Device
     kv_len: int  # past tokens a decode step attends (the context the plan is made for)
     kv_block: int
+    past_rows: int  # rows of a layer's past a fused attention reads (the cache's capacity)
     kv_bits: float = 32
     kv_on_disk: bool = True
     warm: bool = True
@@ -160,7 +163,11 @@ class PlanContext:
         if self.kv_on_disk:
             kv = max(kv, self.kv_resident_bytes)
         return (activation_bytes(group, self.config, self.tokens) + kv
-                + (self.dequant_bytes_of(group.weight_keys) if self.dequant_bytes_of else 0))
+                + (self.dequant_bytes_of(group.weight_keys) if self.dequant_bytes_of else 0)
+                + self.scratch_bytes(group))
+
+    def scratch_bytes(self, group: Group) -> int:
+        return xla_scratch_bytes(group, self.config, self.tokens, self.kv_block, self.past_rows)
 
     def peak(self, group: Group, slab: int) -> int:
         """The group's budget accounting with slabs of `slab` bytes (as `plan_groups`)."""
@@ -185,7 +192,8 @@ class PlanContext:
                                                    warm=self.warm, kv_on_disk=self.kv_on_disk)
             if self.warm:
                 objective = warm_group_time(cost, self.device, streamed=streamed,
-                                            kv_on_disk=self.kv_on_disk)
+                                            kv_on_disk=self.kv_on_disk,
+                                            prefetch_depth=self.prefetch_depth)
             else:  # cold: the storage device, not the memory bus, is the bottleneck
                 objective = max(compute, load) if self.prefetch_depth else compute + load
             self._time_cache[key] = (objective, compute, load)
@@ -198,26 +206,25 @@ class PlanContext:
 
 
 def warm_group_time(cost: roofline.Cost, device: roofline.Device, *, streamed: bool,
-                    kv_on_disk: bool) -> float:
-    """A group's share of a warm step: main-thread work + page-cache copies, added.
+                    kv_on_disk: bool, prefetch_depth: int = 0) -> float:
+    """A group's share of a warm step (the separable objective `optimal` minimises).
 
-    main = max(FLOPs / peak, bytes computed on / memory bandwidth) + calls x the staged
-    executor's measured per-call cost; copies = streamed weight bytes and KV blocks read from
-    disk at the page-cache copy rate (`storage_warm_bytes_per_s`; runs measure it on their own
-    checkpoint, `WeightStore.warm_read_rate`). Not overlapped: measured on this 2-core machine
-    (SmolLM2, warm page cache), an `atomic` step with every weight resident took ~45 ms and
-    ~85 ms streamed, `layer` 34-41 and 71-75 ms, i.e. + the copy time whatever the grouping.
-    With streamed=False and kv_on_disk=False this is the resident `model` step's prediction.
+    main = the executor's work: max(FLOPs / peak, bytes computed on / bandwidth) + calls x the
+    staged executor's measured per-call cost + the KV blocks it copies from the page cache;
+    copy = its streamed weights at the page-cache copy rate. Without a loader thread
+    (depth 0) the two add up. With one, the loader and the executor — which reads units itself
+    rather than wait (`Prefetcher.share_reads`) — split the copies between two threads while
+    only the executor computes: max(main, (main + copy) / 2), at the rates calibrated while
+    copies and compute run at once (`roofline.contended`). This is the fine-grained limit of
+    `roofline.predict_step`'s event simulation, which the plan also reports
+    (`Plan.pipeline_step_s`) and which sees what a separable sum cannot: large units split
+    worse between the threads. With streamed=False and kv_on_disk=False this is the resident
+    `model` step's prediction.
     """
-    copy = 0.0
-    if streamed:
-        copy += cost.weight_bytes
-    if kv_on_disk:
-        copy += cost.kv_bytes
-    copy /= device.storage_warm_bytes_per_s
-    main = (max(cost.flops / device.peak_flops("float32"), cost.bytes_moved / device.mem_read_bytes_per_s)
-            + cost.n_calls * device.call_overhead_s)
-    return main + copy
+    overlap = streamed and prefetch_depth > 0
+    main, copy = roofline.predict_parts(cost, roofline.contended(device) if overlap else device,
+                                        streamed=streamed, warm=True, kv_on_disk=kv_on_disk)
+    return max(main, (main + copy) / 2) if overlap else main + copy
 
 
 # ---- structure -----------------------------------------------------------------------------------
@@ -382,9 +389,18 @@ def _budget_policy_groups(policy: str, stages, segs, ctx: PlanContext, budget_by
         if best is None:
             raise _infeasible(stages, ctx, budget_bytes)
         return best[1]
-    slab = _slab_cap(stages, ctx, budget_bytes)
+    # Greedy packing under each candidate slab size; the fewest groups win. The largest slab
+    # is not always best: a group's own activations, KV and XLA temporaries can exceed every
+    # single stage's, and then only a smaller slab leaves room for it.
     pack = _budget_groups if policy == "budget" else _similar_size_groups
-    return pack(segs, ctx, budget_bytes, slab)
+    fitting = []
+    for slab in _candidate_slabs(stages, ctx, budget_bytes):
+        groups = pack(segs, ctx, budget_bytes, slab)
+        if all(_fits(g, ctx, budget_bytes, slab) for g in groups):
+            fitting.append(groups)
+    if not fitting:
+        raise _infeasible(stages, ctx, budget_bytes)
+    return min(fitting, key=len)
 
 
 def make_plan(stages: Sequence[Stage], policy: str, ctx: PlanContext,
@@ -416,7 +432,8 @@ def make_plan(stages: Sequence[Stage], policy: str, ctx: PlanContext,
             f"schedule.policy={policy} needs {plan.peak_bytes / MB:.2f} MB (group {worst.group_id}: "
             f"weights {worst.weight_bytes / MB:.2f} MB in a {worst.buffer_bytes / MB:.2f} MB slab, "
             f"{worst.prefetch_bytes / MB:.2f} MB read ahead, activations+KV "
-            f"{(worst.activation_bytes + worst.kv_bytes) / MB:.2f} MB) but schedule.budget_mb="
+            f"{(worst.activation_bytes + worst.kv_bytes) / MB:.2f} MB, XLA temporaries "
+            f"{worst.scratch_bytes / MB:.2f} MB) but schedule.budget_mb="
             f"{budget_bytes / MB:.4g}; use a budget policy (budget, similar_size, optimal) or a "
             f"budget of at least {math.ceil(plan.peak_bytes / MB * 100) / 100:g} MB")
     return plan
@@ -429,7 +446,8 @@ def account(policy: str, groups: Sequence[Group], ctx: PlanContext,
     slab = max((ctx.unit_bytes(g) for g in groups), default=0)
     memory: list[GroupPlan] = plan_groups(groups, ctx.config, ctx.stored_bytes, ctx.tokens,
                                           ctx.prefetch_depth, ctx.kv_block_bytes, ctx.kv_layer_bytes,
-                                          slab, ctx.dequant_bytes_of, kv_buffer_persists=ctx.kv_on_disk)
+                                          slab, ctx.dequant_bytes_of, kv_buffer_persists=ctx.kv_on_disk,
+                                          scratch_bytes_of=ctx.scratch_bytes)
     rows, costs = [], []
     for group, mem in zip(groups, memory):
         objective, compute, load = ctx.time(group)
@@ -437,7 +455,7 @@ def account(policy: str, groups: Sequence[Group], ctx: PlanContext,
         costs.append(cost)
         rows.append(PlanRow(group.id, group.kind, tuple(s.id for s in group.stages), mem.weight_bytes,
                             mem.activation_bytes, mem.kv_bytes, mem.prefetch_bytes, mem.buffer_bytes,
-                            mem.peak_bytes, cost.flops, cost.bytes_moved, objective, compute, load))
+                            mem.scratch_bytes, mem.peak_bytes, cost.flops, cost.bytes_moved, objective, compute, load))
     pipeline = roofline.predict_step(costs, [streams_weights(g) for g in groups], ctx.device,
                                      prefetch_depth=ctx.prefetch_depth, warm=ctx.warm,
                                      kv_on_disk=ctx.kv_on_disk)
@@ -465,6 +483,7 @@ def _infeasible(stages, ctx: PlanContext, budget_bytes: int, atomic: Plan | None
         f"schedule.budget_mb={budget_bytes / MB:.4g} is infeasible: stage {worst.group_id} alone "
         f"needs {worst.peak_bytes / MB:.2f} MB (its weights {worst.weight_bytes / MB:.2f} MB, "
         f"activations {worst.activation_bytes / MB:.3f} MB, KV {worst.kv_bytes / MB:.3f} MB, "
+        f"XLA temporaries {worst.scratch_bytes / MB:.3f} MB, "
         f"and {ctx.prefetch_depth} prefetch slab(s) of {atomic.slab_bytes / MB:.2f} MB for the "
         f"largest stage, {largest.group_id}). The smallest budget that works with these settings "
         f"is {math.ceil(need / MB * 100) / 100:g} MB{hint}.")

@@ -91,6 +91,10 @@ class Device:
     source: str
     matvec_bytes_per_s: float | None = None
     llc_bytes: float | None = None  # last-level cache: whether streamed units stay cache-resident
+    # While a prefetch thread copies and the executor computes at once (a streamed plan), each
+    # keeps this fraction of its rate alone: they share the cores and the memory bus.
+    copy_contended_fraction: float = 1.0
+    matvec_contended_fraction: float = 1.0
     notes: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -550,9 +554,18 @@ class StepPrediction:
         return max(0.0, self.total_s - self.compute_s)
 
 
+def contended(device: Device) -> Device:
+    """The device as a streamed plan with a prefetch thread sees it: page-cache copies and
+    weight streaming slowed by the fractions calibrated while both run at once."""
+    return dataclasses.replace(
+        device,
+        storage_warm_bytes_per_s=device.storage_warm_bytes_per_s * device.copy_contended_fraction,
+        matvec_bytes_per_s=device.weight_read_bytes_per_s * device.matvec_contended_fraction)
+
+
 def predict_step(group_costs: Sequence[Cost], streamed: Sequence[bool], device: Device, *,
                  prefetch_depth: int, warm: bool = True, dtype: str = "float32",
-                 kv_on_disk: bool = False, steps: int = 3) -> StepPrediction:
+                 kv_on_disk: bool = False, steps: int = 3, share_reads: bool = True) -> StepPrediction:
     """Predicted decode step of a plan, with the prefetcher's overlap of loads and compute.
 
     The model is an event simulation of `stagejax.store.Prefetcher` feeding the executor:
@@ -561,15 +574,18 @@ def predict_step(group_costs: Sequence[Cost], streamed: Sequence[bool], device: 
       * depth 0: no thread; a unit is read synchronously when its group is reached (load and
         compute serialise: the step is the sum of both);
       * depth >= 1: one loader thread reads units in order, back to back, at most `depth` units
-        ahead: unit u's load starts when unit u-1's load is done and unit u-depth has been
-        handed to the executor (its group started computing). That also implies unit
-        u-depth-1's compute finished, so one of the depth + 1 slabs is free.
+        in flight (started, not yet handed to the executor): unit v's load starts when unit
+        v-1's is done and unit v-depth has been handed over;
+      * `share_reads` (the prefetcher's default): an executor that would wait for its unit
+        reads the next unit nobody has started itself (its own, or one further ahead while the
+        loader finishes its own), within the same depth;
+      * with a warm page cache and a loader thread, copies and weight streaming run at the
+        rates calibrated while both run at once (`contended`): on 2 cores they share the cores
+        and the memory bus;
       * the loader cycles across steps (the next step's first units load during this step's
         last groups), so `steps` steps are simulated and the last one reported (steady state).
-    Not modelled: contention between the loader thread and compute for cores and memory
-    bandwidth (on a 2-core machine the copy slows compute), the executor reading units itself
-    while it would wait (`Prefetcher.share_reads`), and per-group Python overhead beyond
-    `device.call_overhead_s` per call.
+    Not modelled: cache effects of freshly copied weights, the coalescing of small units into
+    one read, and per-group Python overhead beyond `device.call_overhead_s` per call.
     """
     if len(group_costs) != len(streamed):
         raise ValueError(f"{len(group_costs)} group costs but {len(streamed)} streamed flags")
@@ -577,6 +593,8 @@ def predict_step(group_costs: Sequence[Cost], streamed: Sequence[bool], device: 
         raise ValueError(f"prefetch_depth must be >= 0, got {prefetch_depth}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if warm and prefetch_depth and any(streamed):
+        device = contended(device)
     parts = [predict_parts(c, device, streamed=s, warm=warm, dtype=dtype, kv_on_disk=kv_on_disk)
              for c, s in zip(group_costs, streamed)]
     compute = [p[0] for p in parts]
@@ -584,9 +602,24 @@ def predict_step(group_costs: Sequence[Cost], streamed: Sequence[bool], device: 
     n = len(group_costs)
     if n == 0:
         return StepPrediction(0.0, [], 0.0, 0.0)
+    unit_loads = [load[i] for i in range(n) if streamed[i]]
 
-    load_end: list[float] = []  # per unit ordinal (across steps)
+    load_end: dict[int, float] = {}  # per unit ordinal (across steps), once its load started
     handed: list[float] = []  # per unit ordinal: when its group started computing
+    started = 0  # units whose load has started (by the loader or the executor)
+    loader_free = 0.0  # when the loader thread finishes its current read
+
+    def loader_until(limit: float) -> None:
+        """Start the loader's reads that begin by `limit`."""
+        nonlocal started, loader_free
+        while started < len(handed) + prefetch_depth:
+            v = started
+            begin = max(loader_free, handed[v - prefetch_depth] if v >= prefetch_depth else 0.0)
+            if begin > limit:
+                return
+            load_end[v] = loader_free = begin + unit_loads[v % len(unit_loads)]
+            started += 1
+
     clock = 0.0  # end of the previous group's compute
     step_start = 0.0
     per_group: list[float] = []
@@ -596,15 +629,20 @@ def predict_step(group_costs: Sequence[Cost], streamed: Sequence[bool], device: 
         for i in range(n):
             start = clock
             if streamed[i]:
-                u = len(load_end)
+                u = len(handed)
                 if prefetch_depth == 0:
-                    load_start = clock  # read synchronously, when the group is reached
+                    start = clock + load[i]  # read synchronously, when the group is reached
                 else:
-                    load_start = load_end[u - 1] if u else 0.0
-                    if u >= prefetch_depth:
-                        load_start = max(load_start, handed[u - prefetch_depth])
-                load_end.append(load_start + load[i])
-                start = max(clock, load_end[u])
+                    while True:
+                        loader_until(start)
+                        if u < started and load_end[u] <= start:
+                            break
+                        if share_reads and started < len(handed) + prefetch_depth:
+                            v = started  # nobody has started it: the executor reads it
+                            load_end[v] = start = start + unit_loads[v % len(unit_loads)]
+                            started += 1
+                            continue
+                        start = max(start, load_end[u] if u < started else loader_free)
                 handed.append(start)
             end = start + compute[i]
             per_group.append(end - clock)

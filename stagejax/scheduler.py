@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+from stagejax import ops
 from stagejax.model_config import ModelConfig
 from stagejax.stages import Stage, kv_groups_of
 
@@ -140,11 +141,12 @@ class GroupPlan:
     prefetch_bytes: int  # buffers of the units read ahead
     buffer_bytes: int = 0  # the buffer holding its weights (a slab: >= weight_bytes), 0 = weight_bytes
     dequant_bytes: int = 0  # float32 temporary of its largest quantized matrix, dequantized in-jit
+    scratch_bytes: int = 0  # XLA's temporaries (`xla_scratch_bytes`)
 
     @property
     def peak_bytes(self) -> int:
         return (max(self.weight_bytes, self.buffer_bytes) + self.activation_bytes + self.kv_bytes
-                + self.prefetch_bytes + self.dequant_bytes)
+                + self.prefetch_bytes + self.dequant_bytes + self.scratch_bytes)
 
 
 def activation_bytes(group: Group, config: ModelConfig, tokens: int) -> int:
@@ -158,6 +160,56 @@ def activation_bytes(group: Group, config: ModelConfig, tokens: int) -> int:
     return 4 * (sum(sizes[e] for e in entries) + carry)
 
 
+SCRATCH_FLOOR_BYTES = 4096
+
+
+def xla_scratch_bytes(group: Group, config: ModelConfig, tokens: int, kv_block: int,
+                      past_rows: int) -> int:
+    """Bytes of XLA temporaries (`compiled.memory_analysis().temp_size_in_bytes`) a group needs
+    beyond its arguments and outputs: an upper bound of the compiled figure
+    (tests/test_planner.py checks it against the executables).
+
+    Attention dominates. One call over S rows for n query heads of k kv groups
+    (ops.online_softmax_update) materialises, float32: the value sum's operand — a decode
+    step's multiply-reduce holds probabilities x values [T, S, n, H]; a dot (more query rows)
+    the block transposed, [S, k, H] keys and values — or the dequantized / transposed past,
+    whichever is larger, plus scores and probabilities [T, n, S] a few times over. S is one KV
+    block for blocked attention (`attn_blocks`) and the whole past (`past_rows`) for attention
+    fused with other stages; a fused run of a layer's every head is one batched call
+    (n = n_heads), fewer heads are one call each, all of whose temporaries may be live at once
+    (XLA orders independent work freely). At SmolLM2's shapes and a 512-row past
+    a layer's attention holds ~1.2 MB, as much as a projection's weights.
+    Other stages hold small vectors: each stage's output [T, D] before it is accumulated
+    (XLA computes a group's independent chunk outputs first) and, with FFN chunks, their
+    inner activations, at most gate and up over the FFN's whole width. Plus XLA's own small
+    buffers (scalars, indices, alignment): `SCRATCH_FLOOR_BYTES`.
+    """
+    t = tokens
+    small = t * config.d_model * len(group.stages)
+    if any(s.kind == "ffn" for s in group.stages):
+        small += 2 * t * config.ffn_dim
+    heads = [s for s in group.stages if s.kind == "attn"]
+    if not heads:
+        return SCRATCH_FLOOR_BYTES + 4 * small
+    h = config.head_dim
+    if group.kind == "attn_blocks":
+        rows, n = kv_block, len(heads)
+        k = kv_groups_of(config, n)
+    else:
+        rows = past_rows
+        per_layer: dict[int, int] = {}
+        for s in heads:
+            per_layer[s.layer] = per_layer.get(s.layer, 0) + 1
+        n = max(per_layer.values())
+        # A layer's every head is one batched call over its k kv groups; fewer heads are
+        # separate calls that XLA may run side by side, each over its own group's rows.
+        k = config.n_kv_heads if n == config.n_heads else n
+    many_rows = t * (n // k) > ops.FEW_QUERY_ROWS
+    value_sum = 2 * rows * k * h if many_rows else t * rows * n * h
+    past = 2 * rows * k * h  # keys and values as float32 [S, k, H]
+    return SCRATCH_FLOOR_BYTES + 4 * (max(value_sum, past) + 4 * t * n * rows + small)
+
+
 def kv_read_bytes(group: Group, config: ModelConfig, kv_block_bytes, layer_past_bytes) -> int:
     """KV bytes resident while the group runs: one block (blocked attention) or whole pasts."""
     if group.kind == "attn_blocks":
@@ -168,14 +220,15 @@ def kv_read_bytes(group: Group, config: ModelConfig, kv_block_bytes, layer_past_
 def plan_groups(groups: Sequence[Group], config: ModelConfig, weight_bytes_of, tokens: int,
                 prefetch_depth: int, kv_block_bytes, layer_past_bytes: int,
                 slab_bytes: int = 0, dequant_bytes_of=None,
-                kv_buffer_persists: bool = False) -> list[GroupPlan]:
+                kv_buffer_persists: bool = False, scratch_bytes_of=None) -> list[GroupPlan]:
     """Memory accounting of every group (design §5): `weight_bytes_of(keys)` gives stored
     bytes; the embed group holds only its tokens' rows. With `slab_bytes` (the prefetcher
     reads every unit into one of depth + 1 slabs of that size), a streamed group's weights
     occupy a slab and each unit in flight another. `dequant_bytes_of(keys)`: the float32
     temporary of a group's largest quantized matrix (quantized checkpoints).
     `kv_buffer_persists` (a cache on disk): KV reads land in one buffer that the cache keeps
-    between groups, as large as the plan's largest read, so every group is charged that."""
+    between groups, as large as the plan's largest read, so every group is charged that.
+    `scratch_bytes_of(group)`: XLA's temporaries inside its executable (`xla_scratch_bytes`)."""
     kv = [kv_read_bytes(g, config, kv_block_bytes, layer_past_bytes) for g in groups]
     if kv_buffer_persists and kv:
         kv = [max(kv)] * len(kv)
@@ -200,5 +253,6 @@ def plan_groups(groups: Sequence[Group], config: ModelConfig, weight_bytes_of, t
         buffer = slab_bytes if streamed[i] else 0
         rows.append(GroupPlan(group.id, group.kind, len(group.stages), w,
                               activation_bytes(group, config, tokens), kv[i], ahead,
-                              buffer, dequant_bytes_of(group.weight_keys) if dequant_bytes_of else 0))
+                              buffer, dequant_bytes_of(group.weight_keys) if dequant_bytes_of else 0,
+                              scratch_bytes_of(group) if scratch_bytes_of else 0))
     return rows

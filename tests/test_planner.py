@@ -18,7 +18,7 @@ from stagejax.model_config import ModelConfig
 from stagejax.planner import (BUDGET_POLICIES, InfeasibleBudget, PlanContext, account, make_plan,
                               optimal_partition, segments, valid_group)
 from stagejax.roofline import Device
-from stagejax.scheduler import Group, kv_read_bytes
+from stagejax.scheduler import Group, group_stages, kv_read_bytes
 from stagejax.stages import ChunkLayout, build_stages
 from stagejax.store import WeightStore, assemble_params, convert_checkpoint
 
@@ -41,7 +41,8 @@ def context(config: ModelConfig, layout: ChunkLayout, depth=2, kv_len=40, kv_blo
                        slab_bytes_of=lambda keys: sum(-(-sizes[k] // 64) * 64 for k in keys),
                        kv_block_bytes=lambda n: read_bytes(config, kv, n, kv_block),
                        kv_layer_bytes=48 * stored_row_bytes(config, kv, config.n_kv_heads),
-                       prefetch_depth=depth, device=DEVICE, kv_len=kv_len, kv_block=kv_block)
+                       prefetch_depth=depth, device=DEVICE, kv_len=kv_len, kv_block=kv_block,
+                       past_rows=48)
 
 
 def weight_elements(config, layout, key):
@@ -195,7 +196,8 @@ def test_budget_policies_equal_monolithic(tiny_store, policy, budget_kb):
                       slab_bytes_of=lambda keys: sum(-(-arrays[k].nbytes // 64) * 64 for k in keys),
                       kv_block_bytes=lambda n: read_bytes(config, kv, n, 8),
                       kv_layer_bytes=48 * stored_row_bytes(config, kv, config.n_kv_heads),
-                      prefetch_depth=2, device=DEVICE, kv_len=40, kv_block=8)
+                      prefetch_depth=2, device=DEVICE, kv_len=40, kv_block=8,
+                      past_rows=48)
     plan = make_plan(build_stages(config, layout), policy, ctx, budget_kb * KB)
     tokens = [int(t) for t in np.random.default_rng(1).integers(0, config.vocab_size, 30)]
     full = np.asarray(jax.jit(forward_logits, static_argnums=0)(config, params, jnp.asarray([tokens])))[0]
@@ -230,5 +232,38 @@ def test_activations_on_disk_equal_monolithic_and_are_counted(tiny_store):
             log_probs = jax.nn.log_softmax(full[:20], axis=-1)
             expected = -np.take_along_axis(np.asarray(log_probs), np.asarray(tokens[1:21])[:, None], 1)[:, 0]
             np.testing.assert_allclose(decoder.token_nll(tokens[:21]), expected, atol=1e-5, rtol=0)
+        finally:
+            decoder.close()
+
+
+@pytest.mark.parametrize("order,dtype", [("head_major", "float32"), ("token_major", "float32"),
+                                         ("head_major", "int8")])
+def test_scratch_bound_covers_compiled_temporaries(tiny_store, order, dtype):
+    """The plan charges each group XLA's temporaries (`xla_scratch_bytes`); the compiled
+    executables' own figure (`memory_analysis`) must never exceed it, for decode steps and
+    prefill blocks, blocked and fused attention (whole layers and single heads), every KV
+    layout; and the bound must not be loose where it matters (attention over the past)."""
+    config, store, layout, params = tiny_store
+    kv = KVLayout("disk", order, 8, dtype)
+    stages = build_stages(config, layout)
+    layer = [s for s in stages if s.layer == 0]
+    first_attn = next(i for i, s in enumerate(layer) if s.kind == "attn")
+    # A fused group holding part of a layer's attention: its heads run one at a time.
+    split = [Group(tuple(stages[:1]))] + [Group(tuple(layer[:first_attn + 1])),
+                                         Group(tuple(layer[first_attn + 1:]))] + [
+        Group((s,)) for s in stages[1 + len(layer):]]
+    groupings = {policy: group_stages(stages, policy, config) for policy in ("atomic", "op", "layer")}
+    groupings["split"] = split
+    for name, groups in groupings.items():
+        decoder = StagedDecoder(config, store, layout, "atomic", kv, capacity=48, prefill_block=16,
+                                prefetch_depth=1, groups=groups, kv_block=8)
+        try:
+            for tokens in (1, 16):
+                planned = [r.scratch_bytes for r in decoder.plan(tokens)]
+                compiled = decoder.temp_bytes(tokens)
+                for group, bound, temp in zip(decoder.groups, planned, compiled):
+                    assert temp <= bound, (name, tokens, group.id, temp, bound)
+                    if tokens == 1 and any(s.kind == "attn" for s in group.stages):
+                        assert bound <= 3 * temp + 4096, (name, group.id, temp, bound)
         finally:
             decoder.close()

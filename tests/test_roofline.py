@@ -216,14 +216,16 @@ def test_prefetch_pipeline_by_hand():
     compute_bound = unit_costs(device, [1, 1, 1], [2, 2, 2])
     streamed = [True] * 3
     assert predict_step(loader_bound, streamed, device, prefetch_depth=0).total_s == pytest.approx(9)
-    # depth >= 1, steady state: the slower resource sets the step: 3 x 2 s
+    # depth >= 1, steady state, the executor only waiting: the slower resource sets the step
     for depth in (1, 2):
-        assert predict_step(loader_bound, streamed, device, prefetch_depth=depth).total_s == pytest.approx(6)
-        assert predict_step(compute_bound, streamed, device, prefetch_depth=depth).total_s == pytest.approx(6)
+        assert predict_step(loader_bound, streamed, device, prefetch_depth=depth,
+                            share_reads=False).total_s == pytest.approx(6)
+        assert predict_step(compute_bound, streamed, device, prefetch_depth=depth,
+                            share_reads=False).total_s == pytest.approx(6)
     # one long load (5 s) behind a short compute; depth 1 can start it only when the unit
     # before it starts computing. Steady state by hand: 2 + 4 (waiting for the load) + 1 = ...
     mixed = unit_costs(device, [1, 5], [3, 1])
-    one = predict_step(mixed, [True, True], device, prefetch_depth=1)
+    one = predict_step(mixed, [True, True], device, prefetch_depth=1, share_reads=False)
     # Cycle: A computes 3 s while B loads (5 s, started when A started): B waits 2 s, computes
     # 1 s; A's next load (1 s) started when B started, done before B ends: step = 3 + 2 + 1.
     assert one.total_s == pytest.approx(6)
@@ -235,6 +237,38 @@ def test_prefetch_pipeline_by_hand():
                         prefetch_depth=0).total_s == pytest.approx(5)
     with pytest.raises(ValueError, match="streamed flags"):
         predict_step(mixed, [True], device, prefetch_depth=1)
+
+
+def test_shared_reads_by_hand():
+    """With share_reads the executor reads the next unstarted unit instead of waiting."""
+    device = simple_device(mem_read_bytes_per_s=1e30, matvec_bytes_per_s=1e30)
+    # Two 2 s loads, no compute, depth 2: the loader reads one, the executor the other.
+    loads_only = unit_costs(device, [2, 2], [0, 0])
+    assert predict_step(loads_only, [True, True], device, prefetch_depth=2).total_s == pytest.approx(2)
+    assert predict_step(loads_only, [True, True], device, prefetch_depth=2,
+                        share_reads=False).total_s == pytest.approx(4)
+    # depth 1 leaves one unit in flight: only the loader or the executor reads at a time
+    assert predict_step(loads_only, [True, True], device, prefetch_depth=1).total_s == pytest.approx(4)
+    # Loads [2, 2, 2], computes [1, 1, 1], depth 2: without sharing the loader sets the step
+    # (6 s); sharing splits 6 s of copies over two threads, but only the executor computes.
+    three = unit_costs(device, [2, 2, 2], [1, 1, 1])
+    shared = predict_step(three, [True] * 3, device, prefetch_depth=2).total_s
+    alone = predict_step(three, [True] * 3, device, prefetch_depth=2, share_reads=False).total_s
+    assert alone == pytest.approx(6)
+    assert max(3.0, (6 + 3) / 2) <= shared < alone  # two threads share 6 s of copies
+
+
+def test_streamed_plans_use_the_contended_rates():
+    device = simple_device(mem_read_bytes_per_s=1e30, matvec_bytes_per_s=1e30)
+    costs = unit_costs(device, [2, 2], [0, 0])
+    slow = dataclasses.replace(device, copy_contended_fraction=0.5)
+    depth1 = dict(prefetch_depth=1, share_reads=False)
+    assert predict_step(costs, [True, True], slow, **depth1).total_s == pytest.approx(
+        2 * predict_step(costs, [True, True], device, **depth1).total_s)
+    # no loader thread (depth 0) or a cold cache: the uncontended rates
+    assert predict_step(costs, [True, True], slow, prefetch_depth=0).total_s == pytest.approx(4)
+    assert predict_step(costs, [True, True], slow, prefetch_depth=1, warm=False).total_s == \
+        predict_step(costs, [True, True], device, prefetch_depth=1, warm=False).total_s
 
 
 def test_generation_time_adds_prefill_and_decode_steps():
