@@ -27,14 +27,13 @@ budget allows for the stage with the most activation+KV bytes down to the larges
 `similar_size` keep the packing with the fewest groups, `optimal` the least predicted time.
 
 Time of a candidate group (the separable objective the DP minimises): with a warm page cache,
-`warm_group_time` — the executor's work (FLOPs or bytes computed on, the KV blocks it copies
-from the page cache, its measured per-call cost) and the page-cache copies of the group's
-streamed weights, shared between the prefetch thread and the executor when there is a
-prefetch thread (max(main, (main + copy) / 2), at the rates calibrated while copies and compute
-run at once), added when there is none. Cold: max(compute, load) with prefetch (compute + load
-without). `Plan.predicted_step_s` is this sum; `Plan.pipeline_step_s` is the roofline's event
-simulation of the prefetch pipeline with shared reads (`roofline.predict_step`), which also
-sees how units of different sizes split between the two threads.
+`warm_group_time` — the main thread's work (FLOPs or bytes computed on, the KV blocks it copies
+from the page cache, the executor's measured per-call cost) plus the page-cache copies of the
+group's streamed weights, added, not overlapped (measured: every staged plan's step ~ its
+resident-weights time + the copy time; docs/design-notes.md). Cold: max(compute, load) with
+prefetch (compute + load without). `Plan.predicted_step_s` is this sum; `Plan.pipeline_step_s`
+is the roofline's event simulation of the prefetch pipeline with shared reads and calibrated
+copy/compute contention (`roofline.predict_step`), for comparison.
 """
 
 from __future__ import annotations
@@ -192,8 +191,7 @@ class PlanContext:
                                                    warm=self.warm, kv_on_disk=self.kv_on_disk)
             if self.warm:
                 objective = warm_group_time(cost, self.device, streamed=streamed,
-                                            kv_on_disk=self.kv_on_disk,
-                                            prefetch_depth=self.prefetch_depth)
+                                            kv_on_disk=self.kv_on_disk)
             else:  # cold: the storage device, not the memory bus, is the bottleneck
                 objective = max(compute, load) if self.prefetch_depth else compute + load
             self._time_cache[key] = (objective, compute, load)
@@ -206,25 +204,31 @@ class PlanContext:
 
 
 def warm_group_time(cost: roofline.Cost, device: roofline.Device, *, streamed: bool,
-                    kv_on_disk: bool, prefetch_depth: int = 0) -> float:
-    """A group's share of a warm step (the separable objective `optimal` minimises).
+                    kv_on_disk: bool) -> float:
+    """A group's share of a warm step (the separable objective `optimal` minimises):
+    main-thread work + page-cache copies, added.
 
-    main = the executor's work: max(FLOPs / peak, bytes computed on / bandwidth) + calls x the
-    staged executor's measured per-call cost + the KV blocks it copies from the page cache;
-    copy = its streamed weights at the page-cache copy rate. Without a loader thread
-    (depth 0) the two add up. With one, the loader and the executor — which reads units itself
-    rather than wait (`Prefetcher.share_reads`) — split the copies between two threads while
-    only the executor computes: max(main, (main + copy) / 2), at the rates calibrated while
-    copies and compute run at once (`roofline.contended`). This is the fine-grained limit of
-    `roofline.predict_step`'s event simulation, which the plan also reports
-    (`Plan.pipeline_step_s`) and which sees what a separable sum cannot: large units split
-    worse between the threads. With streamed=False and kv_on_disk=False this is the resident
-    `model` step's prediction.
+    main = max(FLOPs / peak, bytes computed on / memory bandwidth) + calls x the staged
+    executor's measured per-call cost; copies = streamed weight bytes and KV blocks read from
+    disk at the page-cache copy rate (`storage_warm_bytes_per_s`; runs measure it on their own
+    checkpoint, `WeightStore.warm_read_rate`). Not overlapped: on this 2-core machine an
+    `atomic` step with every weight resident took ~45 ms and ~85 ms streamed, `layer` 34-41 and
+    71-75 ms, i.e. + the copy time whatever the grouping. The principled alternative — loader
+    and executor sharing the copies (`Prefetcher.share_reads`) at the copy/compute rates
+    calibrated while both run at once, max(main, (main + copy) / 2) — predicted worse (session 7
+    budget sweep: median error 38% against 26% for this sum), because in a decode step the
+    copies run at 5-7 GB/s, far below what the contention probe sees (README, issue 5). With
+    streamed=False and kv_on_disk=False this is the resident `model` step's prediction.
     """
-    overlap = streamed and prefetch_depth > 0
-    main, copy = roofline.predict_parts(cost, roofline.contended(device) if overlap else device,
-                                        streamed=streamed, warm=True, kv_on_disk=kv_on_disk)
-    return max(main, (main + copy) / 2) if overlap else main + copy
+    copy = 0.0
+    if streamed:
+        copy += cost.weight_bytes
+    if kv_on_disk:
+        copy += cost.kv_bytes
+    copy /= device.storage_warm_bytes_per_s
+    main = (max(cost.flops / device.peak_flops("float32"), cost.bytes_moved / device.mem_read_bytes_per_s)
+            + cost.n_calls * device.call_overhead_s)
+    return main + copy
 
 
 # ---- structure -----------------------------------------------------------------------------------
