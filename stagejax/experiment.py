@@ -375,19 +375,23 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
 def plan_records(run: ScheduleRun, plan: list[GroupPlan], timeline: dict) -> list[dict]:
     """plan.json: per group the budget accounting, and for staged runs the roofline's FLOPs and
     predicted seconds beside the instrumented step's measured seconds (`measured_s`; that step
-    samples RSS between groups, so its prefetch runs further ahead than in the timed steps)."""
+    samples RSS between groups, so its prefetch runs further ahead than in the timed steps) and
+    the XLA temporaries its compiled decode executables need (`compiled_scratch_bytes`) beside
+    the plan's bound of them (`scratch_bytes`)."""
     rows = [dataclasses.asdict(row) | {"peak_bytes": row.peak_bytes} for row in plan]
     if run.staged is None:
         return rows
     measured = {r["group"]: r["elapsed_s"] for r in timeline["groups"]}
-    for row, planned in zip(rows, run.planned.rows):
+    compiled_scratch = run.staged.temp_bytes()
+    for row, planned, scratch in zip(rows, run.planned.rows, compiled_scratch):
         if planned.group_id != row["group_id"] or planned.peak_bytes != row["peak_bytes"]:
             raise AssertionError(f"planner and executor disagree on group {row['group_id']}: "
                                  f"{planned.peak_bytes} vs {row['peak_bytes']} bytes")
         row.update(stage_ids=list(planned.stage_ids), flops=planned.flops,
                    bytes_moved=planned.bytes_moved,
                    predicted_s=planned.predicted_s, predicted_compute_s=planned.compute_s,
-                   predicted_load_s=planned.load_s, measured_s=measured.get(row["group_id"]))
+                   predicted_load_s=planned.load_s, measured_s=measured.get(row["group_id"]),
+                   compiled_scratch_bytes=scratch)
     return rows
 
 

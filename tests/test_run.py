@@ -33,6 +33,10 @@ def test_main_job_on_tiny_model_writes_metrics(tmp_path):
     assert 1 < metrics["ppl"] < 1e4
     assert "perplexity" in completed.stdout and "tokens/s" in completed.stdout
     assert not list(run_dir.glob(".*.tmp"))
+    # plan.json: the compiled executables' XLA temporaries beside the plan's bound of them
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert all(row["compiled_scratch_bytes"] <= row["scratch_bytes"] for row in plan)
+    assert any(row["compiled_scratch_bytes"] > 0 for row in plan)
 
 
 def test_bad_override_fails_before_loading(tmp_path):
