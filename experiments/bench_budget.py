@@ -5,12 +5,18 @@ predicted peak and step time.
 Each job runs in a fresh process (`experiments/runs.py`). A budget below what the finest stage
 needs is reported with the planner's error message (the infeasible-budget check).
 
-    .venv/bin/python experiments/bench_budget.py [--budgets 2,4,8,16,32,64] [--new-tokens 16]
+This VM's timings drift by tens of percent over minutes (one plan measured 63.5 and 89.3 ms per
+step in two sweeps an hour apart), so the sweep runs in `--rounds` interleaved rounds (every
+budget and policy once, then again): a job's measured step is the median over rounds, every
+round's value listed, and prediction errors and optimal/budget ratios are taken on medians.
+
+    .venv/bin/python experiments/bench_budget.py [--budgets 2,4,8,16,32,64] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -27,30 +33,37 @@ def main():
     parser.add_argument("--ffn-chunks", type=int, default=16)
     parser.add_argument("--vocab-chunk", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "budget_smollm2"))
     args = parser.parse_args()
 
     from stagejax.results import atomic_write_json, atomic_write_text
 
     out = Path(args.out)
-    rows = []
-    for budget in [float(b) for b in args.budgets.split(",")]:
-        for policy in args.policies.split(","):
+    jobs = [(float(b), policy) for b in args.budgets.split(",") for policy in args.policies.split(",")]
+    by_job: dict[tuple, list[dict]] = {job: [] for job in jobs}
+    for r in range(args.rounds):
+        for budget, policy in jobs:
+            if r and "error" in by_job[(budget, policy)][0]:
+                continue  # an infeasible budget is refused by the planner, the same every round
             name = f"{policy}-{budget:g}MB"
-            print(f"running {name} ...", flush=True)
+            print(f"round {r + 1}/{args.rounds}: {name} ...", flush=True)
             settings = smollm2_settings(policy, new_tokens=args.new_tokens, schedule=dict(
                 budget_mb=budget, ffn_chunks=args.ffn_chunks, vocab_chunk=args.vocab_chunk))
-            metrics = run_isolated(settings, out / name)
-            rows.append({"policy": policy, "budget_mb": budget, **metrics})
+            metrics = run_isolated(settings, out / name / f"round{r + 1}")
+            by_job[(budget, policy)].append(metrics)
             if "error" in metrics:
                 print(f"  {metrics['error']}")
+    rows = [_combined(budget, policy, runs) for (budget, policy), runs in by_job.items()]
 
     mb = 2 ** 20
     lines = [f"SmolLM2-135M float32, context {next((r['prompt_tokens'] for r in rows if 'prompt_tokens' in r), '?')}"
              f"+{args.new_tokens} tokens, KV on disk, ffn_chunks {args.ffn_chunks}, vocab_chunk "
              f"{args.vocab_chunk}, prefetch depth 2, warm page cache; predictions from the "
-             f"calibrated roofline (conf/device/this_machine)", "",
-             "| budget MB | policy | groups | planned peak MB | decode peak MB | tokens/s | "
+             f"calibrated roofline (conf/device/this_machine); {args.rounds} interleaved rounds, "
+             f"each run a fresh process: medians over rounds, measured ms/step of every round "
+             f"in brackets", "",
+             "| budget MB | policy | groups | planned peak MB | decode peak MB (max) | tokens/s | "
              "predicted ms/step (sum) | predicted ms/step (pipeline) | measured ms/step | "
              "sum/measured | pipeline/measured |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -60,9 +73,11 @@ def main():
             continue
         lines.append(
             f"| {r['budget_mb']:g} | {r['policy']} | {r['n_groups']} | {r['planned_peak_bytes'] / mb:.2f} | "
-            f"{r['peak_rss_decode_bytes'] / mb:.2f} | {r['decode_tokens_per_s']:.2f} | "
+            f"{r['peak_rss_decode_bytes'] / mb:.2f} ({max(r['peak_rss_decode_bytes_rounds']) / mb:.2f}) | "
+            f"{r['decode_tokens_per_s']:.2f} | "
             f"{r['predicted_step_s'] * 1e3:.1f} | {r['predicted_pipeline_step_s'] * 1e3:.1f} | "
-            f"{r['measured_step_s'] * 1e3:.1f} | {r['predicted_step_s'] / r['measured_step_s']:.2f} | "
+            f"{r['measured_step_s'] * 1e3:.1f} ({' / '.join(f'{m * 1e3:.1f}' for m in r['measured_step_s_rounds'])}) | "
+            f"{r['predicted_step_s'] / r['measured_step_s']:.2f} | "
             f"{r['predicted_pipeline_step_s'] / r['measured_step_s']:.2f} |")
     ok = [r for r in rows if "error" not in r]
     by = {(r["budget_mb"], r["policy"]): r for r in ok}
@@ -82,6 +97,19 @@ def main():
     print(table)
     atomic_write_json(out / "summary.json", {"rows": rows})
     atomic_write_text(out / "summary.md", table + "\n")
+
+
+def _combined(budget: float, policy: str, runs: list[dict]) -> dict:
+    """One row per job: the first round's plan facts, medians over rounds of what is measured
+    (and of the predictions, which use each run's own warm read-rate measurement)."""
+    row = {"policy": policy, "budget_mb": budget, **runs[0]}
+    if "error" in row:
+        return row
+    for key in ("peak_rss_decode_bytes", "decode_tokens_per_s", "measured_step_s",
+                "predicted_step_s", "predicted_pipeline_step_s"):
+        row[key] = statistics.median(r[key] for r in runs)
+        row[f"{key}_rounds"] = [r[key] for r in runs]
+    return row
 
 
 if __name__ == "__main__":
