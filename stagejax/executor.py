@@ -125,7 +125,7 @@ class StagedDecoder:
                  kv_layout: KVLayout, capacity: int, prefill_block: int = 64,
                  prefetch_depth: int = 1, sampling: SamplingConfig = SamplingConfig(),
                  groups: Sequence[Group] | None = None, kv_block: int | None = None,
-                 activations: str = "ram"):
+                 activations: str = "ram", reader: str = "auto"):
         self.config, self.store, self.layout, self.policy = config, store, layout, policy
         # Stored keys: a quantized weight is several arrays (stagejax.quant), listed per stage.
         self.stages: list[Stage] = build_stages(config, layout, store.manifest.arrays)
@@ -151,7 +151,7 @@ class StagedDecoder:
         self.prefetch_depth = prefetch_depth
         self._units = [list(g.weight_keys) for g in self.groups if streams_weights(g)]
         # Consecutive small units are read together into one slab: fewer thread hand-offs.
-        self.prefetcher = CoalescingPrefetcher(store, self._units, prefetch_depth)
+        self.prefetcher = CoalescingPrefetcher(store, self._units, prefetch_depth, reader)
         self._index = [jnp.asarray([stage_index_value(s, layout) for s in g.stages], jnp.int32)
                        for g in self.groups]
         # Per-group facts the hot loop needs, computed once (Group's properties recompute).
@@ -374,7 +374,8 @@ class StagedDecoder:
                            lambda keys: largest_dequantized_bytes(keys, self.store.manifest.arrays),
                            kv_buffer_persists=self.kv_layout.location == "disk",
                            scratch_bytes_of=lambda group: xla_scratch_bytes(
-                               group, self.config, tokens, self.kv_block, self.cache.capacity))
+                               group, self.config, tokens, self.kv_block, self.cache.capacity),
+                           reader_bytes=getattr(self.prefetcher, "reader_buffer_bytes", 0))
 
     # ---- running ---------------------------------------------------------------------------
 

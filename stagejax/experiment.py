@@ -43,6 +43,7 @@ from stagejax.settings import RunSettings
 from stagejax.stages import ChunkLayout, build_stages
 from stagejax.store import WeightStore, assemble_params, convert_checkpoint
 from stagejax.store.layout import params_spec
+from stagejax.store.native_stream import reader_bounce_cap
 from stagejax.store.weight_store import ALIGN_BYTES
 
 
@@ -62,7 +63,9 @@ def plan_context(settings: RunSettings, config, layout: ChunkLayout, store: Weig
         past_rows=rows,
         kv_bits=stored_row_bytes(config, kv_layout, 1) * 8 / (2 * config.head_dim),
         kv_on_disk=kv_layout.location == "disk",
-        dequant_bytes_of=lambda keys: largest_dequantized_bytes(keys, arrays))
+        dequant_bytes_of=lambda keys: largest_dequantized_bytes(keys, arrays),
+        reader_bounce_cap=reader_bounce_cap(store.verify, schedule.prefetch_depth,
+                                            settings.store.reader))
 
 
 def cache_option(settings: RunSettings) -> str:
@@ -132,7 +135,7 @@ class ScheduleRun:
                 capacity=capacity, prefill_block=schedule.prefill_block,
                 prefetch_depth=schedule.prefetch_depth, sampling=sampling,
                 groups=self.planned.groups, kv_block=schedule.kv_block,
-                activations=schedule.activations)
+                activations=schedule.activations, reader=settings.store.reader)
             self.n_groups = len(self.staged.groups)
             if progress:
                 print(self.planned.table(), flush=True)

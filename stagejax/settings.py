@@ -134,9 +134,13 @@ class DeviceSettings:
 class StoreSettings:
     verify: str = "open"  # checksums: all once on open | every read | off (sizes only)
     drop_page_cache: bool = False  # evict the checkpoint's pages first: a reproducible cold run
+    # Who reads streamed weights ahead: the GIL-free C reader (native), a Python thread (python),
+    # or auto: native unless verify=read, prefetch_depth=0 or no C compiler (store/native_stream.py)
+    reader: str = "auto"
 
     def __post_init__(self):
         _check_choice("store.verify", self.verify, ("open", "read", "off"))
+        _check_choice("store.reader", self.reader, ("auto", "native", "python"))
 
 
 @dataclasses.dataclass

@@ -19,6 +19,7 @@ from stagejax.executor import StagedDecoder
 from stagejax.kv_cache import KVLayout
 from stagejax.loading import open_model
 from stagejax.stages import ChunkLayout, build_stages
+from stagejax.store import native_stream
 from stagejax.store import WeightStore, assemble_params, convert_checkpoint
 
 TINY_ATOL = 1e-5
@@ -42,7 +43,8 @@ def model(request, tmp_path_factory):
     handle = open_model(request.param)
     path = convert_checkpoint(handle, tmp_path_factory.mktemp("ckpt"), ffn_chunks=3,
                               vocab_chunk=100, progress=False)
-    store = WeightStore(path, verify="read", expect_config=handle.config)
+    # verify="open", the runs' default, so weights stream through the GIL-free C reader
+    store = WeightStore(path, verify="open", expect_config=handle.config)
     layout = ChunkLayout(tuple(store.manifest.ffn_chunk_bounds), tuple(store.manifest.vocab_chunk_bounds))
     arrays = store.read(store.manifest.keys)
     params = jax.tree_util.tree_map(jnp.asarray, assemble_params(
@@ -53,10 +55,10 @@ def model(request, tmp_path_factory):
     store.close()
 
 
-def staged(model, policy, layout=LAYOUTS[1], capacity=96, prefill_block=16):
+def staged(model, policy, layout=LAYOUTS[1], capacity=96, prefill_block=16, reader="auto"):
     config, store, chunks, _ = model
     return StagedDecoder(config, store, chunks, policy, layout, capacity, prefill_block, 2,
-                         kv_block=KV_BLOCK)
+                         kv_block=KV_BLOCK, reader=reader)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -93,6 +95,26 @@ def test_greedy_64_steps_identical(model, policy):
         assert run_generation(decoder, prompt, 64).new_ids == expected
     finally:
         decoder.close()
+
+
+@pytest.mark.parametrize("policy", ["atomic", "layer"])
+def test_the_c_and_python_readers_decode_identically(model, policy):
+    """The weight reader changes only who copies the bytes: logits are bit-identical."""
+    if native_stream.library() is None:
+        pytest.skip(f"no C reader here: {native_stream.library_error()}")
+    config = model[0]
+    tokens = [int(t) for t in np.random.default_rng(3).integers(0, config.vocab_size, 30)]
+    logits = {}
+    for reader in ("native", "python"):
+        decoder = staged(model, policy, reader=reader)
+        try:
+            assert decoder.prefetcher.reader == reader
+            logits[reader] = [np.asarray(decoder.prefill(tokens[:21]))] + [
+                np.asarray(decoder.step(tokens[p], p)) for p in range(21, 30)]
+        finally:
+            decoder.close()
+    for native, python in zip(logits["native"], logits["python"]):
+        np.testing.assert_array_equal(native, python)
 
 
 def test_stage_counts_follow_the_design(model):

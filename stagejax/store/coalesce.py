@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from stagejax.store.native_stream import make_prefetcher
 from stagejax.store.weight_store import ALIGN_BYTES, Prefetcher
 
 
@@ -37,14 +38,16 @@ def coalesce(unit_bytes: Sequence[int], limit: int) -> list[tuple[int, int]]:
 
 class CoalescingPrefetcher:
     """`Prefetcher`'s interface (next / release / close, cycling over `units`), reading runs of
-    consecutive units that fit one slab together."""
+    consecutive units that fit one slab together. `reader`: which prefetcher reads the runs
+    (`native_stream.make_prefetcher`: "auto", "native" or "python")."""
 
-    def __init__(self, store, units: Sequence[Sequence[str]], depth: int):
+    def __init__(self, store, units: Sequence[Sequence[str]], depth: int, reader: str = "auto"):
         self._units = [tuple(u) for u in units]
         sizes = [sum(_aligned(store.nbytes([k])) for k in unit) for unit in self._units]
         self.runs = coalesce(sizes, max(sizes) if sizes else 0)
-        self._inner: Prefetcher = store.prefetcher(
-            [[k for unit in self._units[a:b] for k in unit] for a, b in self.runs], depth)
+        self._inner: Prefetcher = make_prefetcher(
+            store, [[k for unit in self._units[a:b] for k in unit] for a, b in self.runs], depth,
+            reader)
         self._run_of_unit = [r for r, (a, b) in enumerate(self.runs) for _ in range(a, b)]
         self._index = 0
         self._arrays: dict | None = None  # the current run's arrays (lent by the inner prefetcher)
@@ -63,6 +66,16 @@ class CoalescingPrefetcher:
     @property
     def max_in_flight_units_seen(self) -> int:
         return self._inner.max_in_flight_units_seen
+
+    @property
+    def reader_buffer_bytes(self) -> int:
+        """Bytes the reader keeps besides its slabs (the C reader's bounce buffers)."""
+        return getattr(self._inner, "reader_buffer_bytes", 0)
+
+    @property
+    def reader(self) -> str:
+        """"native" (the GIL-free C reader) or "python" (a Python thread, or none at depth 0)."""
+        return "python" if isinstance(self._inner, Prefetcher) else "native"
 
     @property
     def load_log(self):
