@@ -55,7 +55,7 @@ typedef struct {
     int64_t *ctrl;
     char *bounce_stream;       /* the background loop's bounce buffer */
     char *bounce_wait;         /* the consumer's (shared reads) */
-    int64_t bounce_bytes;      /* each; a multiple of 64 */
+    int64_t bounce_bytes;      /* each; a multiple of 64; 0: pread straight into the slab */
 } Plan;
 
 static int64_t load(const int64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
@@ -121,14 +121,16 @@ static int read_unit(const Plan *p, int64_t c, char *bounce) {
         const int64_t *read = &p->reads[3 * r];
         int64_t n = read[1], got = 0;
         while (got < n) { /* short reads: signals, a file shrunk under us */
-            int64_t want = n - got < p->bounce_bytes ? n - got : p->bounce_bytes;
-            ssize_t more = pread((int)read[0], bounce, (size_t)want, (off_t)got);
+            char *dst = slab + read[2] + got;
+            int64_t want = n - got;
+            if (p->bounce_bytes && want > p->bounce_bytes) want = p->bounce_bytes;
+            ssize_t more = pread((int)read[0], p->bounce_bytes ? bounce : dst, (size_t)want, (off_t)got);
             if (more < 0) {
                 if (errno == EINTR) continue;
                 return fail(p, r, -errno);
             }
             if (more == 0) return fail(p, r, 1);
-            stream_copy(slab + read[2] + got, bounce, more);
+            if (p->bounce_bytes) stream_copy(dst, bounce, more);
             got += more;
         }
     }

@@ -146,7 +146,8 @@ class NativePrefetcher:
     """Reads `units` in order, cycling forever, at most `depth` (>= 1) units ahead, in a thread
     that runs C code without the GIL; see the module docstring and `weight_store.Prefetcher`."""
 
-    def __init__(self, store, units: Sequence[Sequence[str]], depth: int, share_reads: bool = True):
+    def __init__(self, store, units: Sequence[Sequence[str]], depth: int, share_reads: bool = True,
+                 bounce: bool = True):
         if depth < 1:
             raise ValueError(f"NativePrefetcher needs prefetch depth >= 1, got {depth}")
         if not units:
@@ -178,8 +179,8 @@ class NativePrefetcher:
         self.slab_bytes = slab_bytes
         # Slabs are allocated untouched: their pages count only once reads fill them.
         self._slabs = [aligned_empty(max(slab_bytes, ALIGN_BYTES)) for _ in range(depth + 1)]
-        bounce = bounce_bytes(slab_bytes)
-        self._bounce = [aligned_empty(bounce) for _ in range(2)]  # untouched until used
+        bounce = bounce_bytes(slab_bytes) if bounce else 0  # False: pread into the slab (A/B)
+        self._bounce = [aligned_empty(max(bounce, ALIGN_BYTES)) for _ in range(2)]  # untouched until used
         self.reader_buffer_bytes = 2 * bounce
         self._reads = np.asarray(reads, np.int64).reshape(-1, 3)
         self._first = np.asarray(first, np.int64)
