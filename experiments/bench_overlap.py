@@ -10,7 +10,6 @@ measured in one process under several ways of getting its weights, interleaved o
                  waiting executor reads a unit itself), handing units over with a condition
                  variable under the GIL
   native         the same with the GIL-free C reader (`stagejax.store.native_stream`)
-  native-direct  the C reader without its bounce buffers: pread straight into the slabs
   decoy-python   the Python thread copies every unit and the executor waits for each, but
   decoy-native   computes on resident zeros (the same for the C reader): the copying and
                  hand-offs without consuming memory another core has just written
@@ -32,8 +31,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runs import REPO, smollm2_settings  # noqa: E402
 
-MODES = ("resident", "copy", "serial", "python", "native", "native-direct", "decoy-python",
-         "decoy-native")
+MODES = ("resident", "copy", "serial", "python", "native", "decoy-python", "decoy-native")
 
 
 class _Decoy:
@@ -82,7 +80,6 @@ def main():
     from stagejax.results import atomic_write_json, atomic_write_text
     from stagejax.sampling import SamplingConfig
     from stagejax.store.coalesce import CoalescingPrefetcher
-    from stagejax.store.native_stream import NativePrefetcher
     from stagejax.store.weight_store import WeightStore
 
     schedule = dict(ffn_chunks=args.ffn_chunks, vocab_chunk=args.vocab_chunk, prefetch_depth=args.depth)
@@ -116,16 +113,10 @@ def main():
         elif mode == "serial":
             decoder.prefetcher = CoalescingPrefetcher(store, units, 0)
         else:
-            reader = "native" if mode.startswith("native") else mode.rsplit("-", 1)[-1]
+            reader = mode.rsplit("-", 1)[-1]
             decoder.prefetcher = CoalescingPrefetcher(store, units, args.depth, reader)
             if decoder.prefetcher.reader != reader:
                 raise SystemExit(f"the {reader} reader is unavailable here")
-            if mode == "native-direct":
-                inner = decoder.prefetcher._inner
-                inner.close()
-                decoder.prefetcher._inner = NativePrefetcher(
-                    store, [[k for unit in units[a:b] for k in unit] for a, b in decoder.prefetcher.runs],
-                    args.depth, bounce=False)
             if mode.startswith("decoy"):
                 decoder.prefetcher = _Decoy(decoder.prefetcher, _ZeroPrefetcher(zeros, units))
 

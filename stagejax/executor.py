@@ -374,8 +374,7 @@ class StagedDecoder:
                            lambda keys: largest_dequantized_bytes(keys, self.store.manifest.arrays),
                            kv_buffer_persists=self.kv_layout.location == "disk",
                            scratch_bytes_of=lambda group: xla_scratch_bytes(
-                               group, self.config, tokens, self.kv_block, self.cache.capacity),
-                           reader_bytes=getattr(self.prefetcher, "reader_buffer_bytes", 0))
+                               group, self.config, tokens, self.kv_block, self.cache.capacity))
 
     # ---- running ---------------------------------------------------------------------------
 

@@ -43,7 +43,6 @@ from stagejax.settings import RunSettings
 from stagejax.stages import ChunkLayout, build_stages
 from stagejax.store import WeightStore, assemble_params, convert_checkpoint
 from stagejax.store.layout import params_spec
-from stagejax.store.native_stream import reader_bounce_cap
 from stagejax.store.weight_store import ALIGN_BYTES
 
 
@@ -63,9 +62,7 @@ def plan_context(settings: RunSettings, config, layout: ChunkLayout, store: Weig
         past_rows=rows,
         kv_bits=stored_row_bytes(config, kv_layout, 1) * 8 / (2 * config.head_dim),
         kv_on_disk=kv_layout.location == "disk",
-        dequant_bytes_of=lambda keys: largest_dequantized_bytes(keys, arrays),
-        reader_bounce_cap=reader_bounce_cap(store.verify, schedule.prefetch_depth,
-                                            settings.store.reader))
+        dequant_bytes_of=lambda keys: largest_dequantized_bytes(keys, arrays))
 
 
 def cache_option(settings: RunSettings) -> str:

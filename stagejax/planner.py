@@ -150,9 +150,6 @@ class PlanContext:
     # A disk cache's read buffer stays resident between groups (`plan_groups`): the largest KV
     # read of the plan, charged to every group. Budget policies find it by re-planning.
     kv_resident_bytes: int = 0
-    # The C weight reader keeps two bounce buffers of min(this, slab) bytes besides its slabs
-    # (`native_stream.reader_bounce_cap`; 0: the Python reader, none), charged with the slabs.
-    reader_bounce_cap: int = 0
 
     def __post_init__(self):
         self._time_cache: dict[tuple, tuple[float, float, float]] = {}
@@ -177,12 +174,8 @@ class PlanContext:
             own = self.tokens * self.config.d_model * 4 * (2 if self.config.family == "gpt2" else 1)
         else:
             own = slab if streams_weights(group) else 0
-        ahead = self.prefetch_depth * slab + self.reader_bytes(slab)
+        ahead = self.prefetch_depth * slab
         return own + self.fixed_bytes(group) + ahead
-
-    def reader_bytes(self, slab: int) -> int:
-        """The weight reader's buffers besides its slabs, with slabs of `slab` bytes."""
-        return 2 * min(self.reader_bounce_cap, slab) if self.prefetch_depth else 0
 
     def unit_bytes(self, group: Group) -> int:
         return self.slab_bytes_of(group.weight_keys) if streams_weights(group) else 0
@@ -458,8 +451,7 @@ def account(policy: str, groups: Sequence[Group], ctx: PlanContext,
     memory: list[GroupPlan] = plan_groups(groups, ctx.config, ctx.stored_bytes, ctx.tokens,
                                           ctx.prefetch_depth, ctx.kv_block_bytes, ctx.kv_layer_bytes,
                                           slab, ctx.dequant_bytes_of, kv_buffer_persists=ctx.kv_on_disk,
-                                          scratch_bytes_of=ctx.scratch_bytes,
-                                          reader_bytes=ctx.reader_bytes(slab))
+                                          scratch_bytes_of=ctx.scratch_bytes)
     rows, costs = [], []
     for group, mem in zip(groups, memory):
         objective, compute, load = ctx.time(group)
@@ -490,22 +482,18 @@ def _infeasible(stages, ctx: PlanContext, budget_bytes: int, atomic: Plan | None
     worst = max(atomic.rows, key=lambda r: r.peak_bytes)
     largest = max(atomic.rows, key=lambda r: r.weight_bytes if r.kind != "embed" else 0)
     need = atomic.peak_bytes
-    hint = _finer_chunks_hint(ctx, largest, need, budget_bytes, atomic.slab_bytes)
+    hint = _finer_chunks_hint(ctx, largest, need, budget_bytes)
     return InfeasibleBudget(
         f"schedule.budget_mb={budget_bytes / MB:.4g} is infeasible: stage {worst.group_id} alone "
         f"needs {worst.peak_bytes / MB:.2f} MB (its weights {worst.weight_bytes / MB:.2f} MB, "
         f"activations {worst.activation_bytes / MB:.3f} MB, KV {worst.kv_bytes / MB:.3f} MB, "
         f"XLA temporaries {worst.scratch_bytes / MB:.3f} MB, "
         f"and {ctx.prefetch_depth} prefetch slab(s) of {atomic.slab_bytes / MB:.2f} MB for the "
-        f"largest stage, {largest.group_id}"
-        + (f", plus the weight reader's {ctx.reader_bytes(atomic.slab_bytes) / MB:.2f} MB of "
-           "bounce buffers" if ctx.reader_bytes(atomic.slab_bytes) else "")
-        + f"). The smallest budget that works with these settings "
+        f"largest stage, {largest.group_id}). The smallest budget that works with these settings "
         f"is {math.ceil(need / MB * 100) / 100:g} MB{hint}.")
 
 
-def _finer_chunks_hint(ctx: PlanContext, largest: PlanRow, need: int, budget: int,
-                       atomic_slab: int) -> str:
+def _finer_chunks_hint(ctx: PlanContext, largest: PlanRow, need: int, budget: int) -> str:
     """What finer FFN or vocabulary chunks (or a shallower prefetch) would need instead: the
     largest stage sets the slab size, so cutting it shrinks depth + 1 slabs."""
     slabs = ctx.prefetch_depth + 1
@@ -525,6 +513,6 @@ def _finer_chunks_hint(ctx: PlanContext, largest: PlanRow, need: int, budget: in
             hints.append(f"{setting} (about {est / MB:.2f} MB; other stages may then be the largest)")
             break
     if ctx.prefetch_depth:
-        est = need - ctx.prefetch_depth * atomic_slab - ctx.reader_bytes(atomic_slab)
+        est = need - ctx.prefetch_depth * largest.weight_bytes
         hints.append(f"schedule.prefetch_depth=0 (about {est / MB:.2f} MB, slower)")
     return "; or try " + ", or ".join(hints) if hints else ""

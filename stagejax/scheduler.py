@@ -220,8 +220,7 @@ def kv_read_bytes(group: Group, config: ModelConfig, kv_block_bytes, layer_past_
 def plan_groups(groups: Sequence[Group], config: ModelConfig, weight_bytes_of, tokens: int,
                 prefetch_depth: int, kv_block_bytes, layer_past_bytes: int,
                 slab_bytes: int = 0, dequant_bytes_of=None,
-                kv_buffer_persists: bool = False, scratch_bytes_of=None,
-                reader_bytes: int = 0) -> list[GroupPlan]:
+                kv_buffer_persists: bool = False, scratch_bytes_of=None) -> list[GroupPlan]:
     """Memory accounting of every group (design §5): `weight_bytes_of(keys)` gives stored
     bytes; the embed group holds only its tokens' rows. With `slab_bytes` (the prefetcher
     reads every unit into one of depth + 1 slabs of that size), a streamed group's weights
@@ -229,9 +228,7 @@ def plan_groups(groups: Sequence[Group], config: ModelConfig, weight_bytes_of, t
     temporary of a group's largest quantized matrix (quantized checkpoints).
     `kv_buffer_persists` (a cache on disk): KV reads land in one buffer that the cache keeps
     between groups, as large as the plan's largest read, so every group is charged that.
-    `scratch_bytes_of(group)`: XLA's temporaries inside its executable (`xla_scratch_bytes`).
-    `reader_bytes`: what the weight reader keeps besides its slabs (the C reader's bounce
-    buffers), counted with the prefetch bytes."""
+    `scratch_bytes_of(group)`: XLA's temporaries inside its executable (`xla_scratch_bytes`)."""
     kv = [kv_read_bytes(g, config, kv_block_bytes, layer_past_bytes) for g in groups]
     if kv_buffer_persists and kv:
         kv = [max(kv)] * len(kv)
@@ -246,7 +243,7 @@ def plan_groups(groups: Sequence[Group], config: ModelConfig, weight_bytes_of, t
         ahead = 0
         if prefetch_depth and units:
             if slab_bytes:
-                ahead = prefetch_depth * slab_bytes + reader_bytes
+                ahead = prefetch_depth * slab_bytes
             else:
                 # The next `depth` units (cyclically, across steps) are in flight.
                 position = next((j for j, u in enumerate(units) if u >= i), 0)

@@ -68,11 +68,6 @@ class CoalescingPrefetcher:
         return self._inner.max_in_flight_units_seen
 
     @property
-    def reader_buffer_bytes(self) -> int:
-        """Bytes the reader keeps besides its slabs (the C reader's bounce buffers)."""
-        return getattr(self._inner, "reader_buffer_bytes", 0)
-
-    @property
     def reader(self) -> str:
         """"native" (the GIL-free C reader) or "python" (a Python thread, or none at depth 0)."""
         return "python" if isinstance(self._inner, Prefetcher) else "native"

@@ -35,14 +35,7 @@ from stagejax.store.manifest import CheckpointError
 from stagejax.store.weight_store import ALIGN_BYTES, aligned_empty
 
 _SOURCE = Path(__file__).with_name("_stream.c")
-# Each reader (the background loop, and the consumer for shared reads) copies through a buffer
-# that stays in its core's cache (see _stream.c): this size, or one slab if slabs are smaller.
-BOUNCE_BYTES = 128 * 1024
 
-
-def bounce_bytes(slab_bytes: int) -> int:
-    """Each reader's bounce buffer for slabs of `slab_bytes` (the plan charges two)."""
-    return min(BOUNCE_BYTES, max(-(-slab_bytes // ALIGN_BYTES) * ALIGN_BYTES, ALIGN_BYTES))
 # Control array slots (the enum in _stream.c).
 STOP, STARTED, HANDED, RELEASED, ERROR, ERROR_READ = 0, 1, 2, 3, 4, 5
 STARTED_BYTES, HANDED_BYTES, MAX_UNITS, MAX_BYTES, HEADER = 6, 7, 8, 9, 16
@@ -52,9 +45,7 @@ class _Plan(ctypes.Structure):
     _fields_ = [("reads", ctypes.c_void_p), ("first", ctypes.c_void_p),
                 ("unit_bytes", ctypes.c_void_p), ("slabs", ctypes.c_void_p),
                 ("n_units", ctypes.c_int64), ("n_slabs", ctypes.c_int64),
-                ("depth", ctypes.c_int64), ("ctrl", ctypes.c_void_p),
-                ("bounce_stream", ctypes.c_void_p), ("bounce_wait", ctypes.c_void_p),
-                ("bounce_bytes", ctypes.c_int64)]
+                ("depth", ctypes.c_int64), ("ctrl", ctypes.c_void_p)]
 
 
 _library = None
@@ -119,12 +110,6 @@ def uses_native(store_or_verify, depth: int, reader: str = "auto") -> bool:
     return reader == "native" or (reader == "auto" and applies and library() is not None)
 
 
-def reader_bounce_cap(verify: str, depth: int, reader: str = "auto") -> int:
-    """For plans made before the reader exists: the cap of `bounce_bytes` if the C reader will
-    read (its two buffers are 2 x min(cap, slab)), else 0."""
-    return BOUNCE_BYTES if uses_native(verify, depth, reader) else 0
-
-
 def make_prefetcher(store, units: Sequence[Sequence[str]], depth: int, reader: str = "auto"):
     """The prefetcher for `units`: `NativePrefetcher` ("native"), the Python thread's
     `weight_store.Prefetcher` ("python"), or "auto": native where it applies (depth >= 1, no
@@ -146,8 +131,7 @@ class NativePrefetcher:
     """Reads `units` in order, cycling forever, at most `depth` (>= 1) units ahead, in a thread
     that runs C code without the GIL; see the module docstring and `weight_store.Prefetcher`."""
 
-    def __init__(self, store, units: Sequence[Sequence[str]], depth: int, share_reads: bool = True,
-                 bounce: bool = True):
+    def __init__(self, store, units: Sequence[Sequence[str]], depth: int, share_reads: bool = True):
         if depth < 1:
             raise ValueError(f"NativePrefetcher needs prefetch depth >= 1, got {depth}")
         if not units:
@@ -179,9 +163,6 @@ class NativePrefetcher:
         self.slab_bytes = slab_bytes
         # Slabs are allocated untouched: their pages count only once reads fill them.
         self._slabs = [aligned_empty(max(slab_bytes, ALIGN_BYTES)) for _ in range(depth + 1)]
-        bounce = bounce_bytes(slab_bytes) if bounce else 0  # False: pread into the slab (A/B)
-        self._bounce = [aligned_empty(max(bounce, ALIGN_BYTES)) for _ in range(2)]  # untouched until used
-        self.reader_buffer_bytes = 2 * bounce
         self._reads = np.asarray(reads, np.int64).reshape(-1, 3)
         self._first = np.asarray(first, np.int64)
         self._sizes = np.asarray(self._unit_bytes, np.int64)
@@ -189,8 +170,7 @@ class NativePrefetcher:
         self._ctrl = np.zeros(HEADER + 3 * len(self._slabs), np.int64)
         self._plan = _Plan(self._reads.ctypes.data, self._first.ctypes.data,
                            self._sizes.ctypes.data, ctypes.cast(self._slab_pointers, ctypes.c_void_p),
-                           len(self._units), len(self._slabs), depth, self._ctrl.ctypes.data,
-                           self._bounce[0].ctypes.data, self._bounce[1].ctypes.data, bounce)
+                           len(self._units), len(self._slabs), depth, self._ctrl.ctypes.data)
         self._plan_ref = ctypes.byref(self._plan)
         # Each unit's arrays as views of each slab, built once (next() only picks them).
         self._views = [[{key: slab[offset:offset + store._entries[key].nbytes]
