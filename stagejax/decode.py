@@ -213,9 +213,10 @@ def generate(config: ModelConfig, params, prompt_ids: list[int], max_new_tokens:
                           eos_token_id, detokenize, decoder.compile_s)
 
 
-def sampling_keys(seed: int, max_new_tokens: int):
-    """One PRNG key per new token, derived from `seed`."""
-    return jax.random.split(jax.random.PRNGKey(seed), max(max_new_tokens, 1))
+def sampling_keys(seed: int, max_new_tokens: int) -> np.ndarray:
+    """One PRNG key per new token, derived from `seed`: [max_new_tokens, 2] uint32, on the host,
+    so taking a token's key is a numpy index, not a JAX op compiled on first use."""
+    return np.asarray(jax.random.split(jax.random.PRNGKey(seed), max(max_new_tokens, 1)))
 
 
 def run_generation(session, prompt_ids: list[int], max_new_tokens: int, seed: int = 0,

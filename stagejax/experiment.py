@@ -3,15 +3,19 @@
 `run_experiment(settings, out_dir)` is what `python -m stagejax.run` calls after composing its
 hydra config; it is equally usable from Python. Metric names follow design §7.
 
-Phases, in order (so every memory figure means what design §7 says):
-  1. describe the model, find or make its stage-shard checkpoint (cached);
-  2. compile every executable from shapes (staged: warmed once on zeros) — then
-     `baseline_rss_bytes`, the runtime's own cost, before any weight is loaded;
-  3. `model` loads every weight (resident); staged schedules stream them per group;
-  4. prefill, then the RSS high-water mark is reset and the decode steps are timed
-     (`peak_rss_decode_bytes` is that phase's peak above the baseline);
-  5. one more, untimed, instrumented decode step records the per-group memory timeline;
-  6. perplexity through the schedule's own path.
+Phases, in order (so every memory figure means what design §7 says; each is announced in the
+run directory's `phase.json`, which a job killed under a memory cap leaves behind):
+  1. `open`, `convert`: describe the model, find or make its stage-shard checkpoint (cached);
+  2. `compile`: compile every executable from shapes and run each once on zero weights (staged:
+     a prefill pass and a step; `model`: prefill, step and the scorer on one shared zero
+     buffer per weight shape) — then `baseline_rss_bytes`, the runtime's own cost, before any
+     weight is loaded: the same point for every schedule;
+  3. `load`: `model` loads every weight (resident); staged schedules stream them per group;
+  4. `prefill`, then `decode`: the RSS high-water mark is reset and the decode steps are timed
+     (`decode_peak_rss_bytes` is that phase's absolute high-water RSS — what a device must
+     hold —, `decode_working_set_bytes` the same above the baseline);
+  5. `timeline`: one more, untimed, instrumented decode step records the per-group memory;
+  6. `perplexity` through the schedule's own path.
 """
 
 from __future__ import annotations
@@ -46,6 +50,12 @@ from stagejax.store.layout import params_spec
 from stagejax.store.weight_store import ALIGN_BYTES
 
 
+# metrics.json's table version (design §7); 2: the absolute decode peak is the headline,
+# `peak_rss_decode_bytes` became `decode_working_set_bytes` (kept as an alias), the baseline is
+# taken after every schedule's warm-up. `stagejax.report` reads both.
+METRICS_SCHEMA_VERSION = 2
+
+
 def plan_context(settings: RunSettings, config, layout: ChunkLayout, store: WeightStore,
                  kv_layout: KVLayout, capacity: int, device) -> PlanContext:
     """What the planner needs to know about this run's store, cache and machine."""
@@ -63,6 +73,21 @@ def plan_context(settings: RunSettings, config, layout: ChunkLayout, store: Weig
         kv_bits=stored_row_bytes(config, kv_layout, 1) * 8 / (2 * config.head_dim),
         kv_on_disk=kv_layout.location == "disk",
         dequant_bytes_of=lambda keys: largest_dequantized_bytes(keys, arrays))
+
+
+def shared_zeros(spec_tree):
+    """Zero arrays shaped like `spec_tree`, one buffer per distinct (shape, dtype) shared by every
+    leaf of that shape: enough to run an executable once without holding a copy of the model
+    (SmolLM2's 30 layers share each projection's buffer)."""
+    buffers = {}
+
+    def zeros(spec):
+        key = (tuple(spec.shape), jnp.dtype(spec.dtype).str)
+        if key not in buffers:
+            buffers[key] = jnp.zeros(spec.shape, spec.dtype)
+        return buffers[key]
+
+    return jax.tree_util.tree_map(zeros, spec_tree)
 
 
 def cache_option(settings: RunSettings) -> str:
@@ -99,11 +124,14 @@ class ScheduleRun:
             self.decoder = decoder_for(config, self.params_spec, prompt_len,
                                        settings.decode.max_new_tokens + 1, sampling, kv_dtype)
             self.nll = None
+            # Warm up every executable the run will call before the baseline, as the staged
+            # schedules' dry run does (design §7: the same point for every schedule).
+            zeros = shared_zeros(self.params_spec)
+            self.warmup_s = self.decoder.warm_up(zeros)
             if settings.eval.ppl_chunks:
                 self.nll = jax.jit(lambda p, t: token_nll(config, p, t, kv_dtype))
-                jax.block_until_ready(self.nll(
-                    jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), self.params_spec),
-                    jnp.zeros((1, settings.eval.n_ctx), jnp.int32)))
+                jax.block_until_ready(self.nll(zeros, jnp.zeros((1, settings.eval.n_ctx), jnp.int32)))
+            del zeros
             self.n_groups = 1
             self.staged = None
             # The roofline's view of the resident step: its weights read at the matvec rate.
@@ -150,10 +178,10 @@ class ScheduleRun:
         params = assemble_params(arrays, self.config, list(self.layout.ffn_bounds),
                                  list(self.layout.vocab_bounds))
         # Own copies in the stored dtypes (the buffers go back to the pool); a quantized
-        # matrix is dequantized inside the step's jit, not here.
-        self.params = jax.tree_util.tree_map(jnp.array, params)
+        # matrix is dequantized inside the step's jit, not here. A numpy copy handed over by
+        # device_put: `jnp.array` would compile a conversion per leaf after the baseline.
+        self.params = jax.tree_util.tree_map(lambda a: jax.device_put(np.array(a)), params)
         jax.block_until_ready(self.params)
-        self.warmup_s = self.decoder.warm_up(self.params)
         self.store.release(arrays)
         del arrays, params
         self.store.clear_pool()
@@ -252,6 +280,8 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
     tighten a memory cap around the decode's working set)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    phases = measure.PhaseLog(out_dir / measure.PHASE_FILE)
+    phases.enter("open")
     use_one_malloc_arena()
     # Run each executable inline in the calling thread: a staged step makes ~1,200 small calls
     # and blocks on each, so the hand-off to a dispatch thread is pure latency (SmolLM2 atomic:
@@ -272,6 +302,7 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
         raise ValueError(f"eval.n_ctx={n_ctx} exceeds the model's context of {config.max_seq_len}")
     sampling = SamplingConfig(settings.decode.temperature, settings.decode.top_k, settings.decode.top_p)
 
+    phases.enter("convert")
     checkpoint = convert_checkpoint(handle, settings.paths.cache, settings.schedule.ffn_chunks,
                                     settings.schedule.vocab_chunk, settings.quant.scheme,
                                     progress=progress)
@@ -279,24 +310,29 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
     store = WeightStore(checkpoint, verify=settings.store.verify, expect_config=config,
                         drop_page_cache=settings.store.drop_page_cache)
     capacity = max(len(ids) + max_new + 1, n_ctx if settings.eval.ppl_chunks else 0)
+    phases.enter("compile")
     run = ScheduleRun(settings, handle, store, capacity, len(ids), sampling, progress)
-    keys = jax.block_until_ready(sampling_keys(settings.seed, max_new))  # compiles: before baseline
+    keys = sampling_keys(settings.seed, max_new)  # compiles: before the baseline
     release_freed_memory()
     baseline_rss = measure.rss_bytes()
 
+    phases.enter("load")
     run.load()
     session = run.session()
     decode_io = {}
 
     def before_decode():
+        decode_io["first_token_age_s"] = measure.process_age_s()
         if run.staged is not None:
             run.staged.release_pass_buffers(keep_tokens=1)
         release_freed_memory()  # prefill's freed temporaries are not the decode's working set
+        phases.enter("decode")
         peak.start_phase()
         decode_io["start"] = run.io_counters()
         if on_decode_start is not None:
             on_decode_start(baseline_rss)
 
+    phases.enter("prefill")
     generation = run_generation(session, ids, max_new, settings.seed, config.eos_token_id,
                                 handle.tokenizer.decode, run.compile_s, before_decode=before_decode,
                                 keys=keys)
@@ -304,18 +340,22 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
     bytes_end, wait_end = run.io_counters()
     bytes_start, wait_start = decode_io.get("start", (bytes_end, wait_end))
     steps = max(generation.n_decode_steps, 1)
+    phases.enter("timeline")
     timeline = record_timeline(run, len(ids) + len(generation.new_ids) - 1, generation.new_ids[-1])
     plan = run.plan()
 
     metrics = {
+        "schema_version": METRICS_SCHEMA_VERSION,
         "model": settings.model.name,
         "schedule": settings.schedule.policy,
         "quant": settings.quant.scheme,
         "cache": cache_option(settings),
         "cache_dtype": settings.cache.dtype,
         "cache_order": settings.cache.order,
+        "decode_peak_rss_bytes": peak_decode,
         "baseline_rss_bytes": baseline_rss,
-        "peak_rss_decode_bytes": peak_decode - baseline_rss,
+        "decode_working_set_bytes": peak_decode - baseline_rss,
+        "peak_rss_decode_bytes": peak_decode - baseline_rss,  # the working set's earlier name
         "planned_peak_bytes": max(row.peak_bytes for row in plan),
         "n_stages": run.n_stages,
         "n_groups": run.n_groups,
@@ -323,6 +363,7 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
         "decode_tokens_per_s": generation.decode_tokens_per_s,
         "prefill_tokens_per_s": generation.prefill_tokens_per_s,
         "time_to_first_token_s": generation.time_to_first_token_s,
+        "exec_to_first_token_s": decode_io.get("first_token_age_s"),
         "io_wait_frac": (wait_end - wait_start) / generation.decode_s if generation.decode_s else 0.0,
         "bytes_streamed_per_token": (bytes_end - bytes_start) / steps,
         "n_decode_steps": generation.n_decode_steps,
@@ -348,6 +389,7 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
                        measured_step_s=measured_step, device=run.device.name)
 
     if settings.eval.ppl_chunks:
+        phases.enter("perplexity")
         text = data.read_text(settings.eval.dataset, settings.paths.data)
         tokens = handle.tokenizer.encode(text)
         nll_fn = run.nll_fn()
@@ -360,8 +402,12 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
                        n_ctx=n_ctx, ppl_procedure=result.procedure,
                        ppl_scored_tokens=result.n_scored_tokens)
 
+    phases.enter("write")
     metrics["peak_rss_bytes"] = max(peak.overall_bytes, measure.peak_rss_bytes())
+    metrics.update(measure.cgroup_memory() or {})
     metrics["wall_s"] = time.perf_counter() - wall_start
+    if hasattr(run, "warmup_s"):
+        metrics["warmup_s"] = run.warmup_s
     if run.staged is not None:
         run.staged.close()
     store.close()
@@ -369,6 +415,7 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
     atomic_write_json(out_dir / "timeline.json", timeline)
     atomic_write_json(out_dir / "resolved_settings.json", dataclasses.asdict(settings))
     atomic_write_json(out_dir / "metrics.json", metrics)
+    phases.enter("done")
     return metrics
 
 
@@ -397,13 +444,14 @@ def plan_records(run: ScheduleRun, plan: list[GroupPlan], timeline: dict) -> lis
 
 def format_summary(metrics: dict) -> str:
     """A short human-readable summary of a run's metrics."""
-    mb = lambda b: f"{b / 2**20:,.1f} MB"
+    mb = lambda b: f"{b / 2**20:,.1f} MiB"
     lines = [
         f"model {metrics['model']}  schedule {metrics['schedule']}  quant {metrics['quant']}  "
         f"cache {metrics['cache']}  ({metrics['n_stages']} stages in {metrics['n_groups']} groups)",
         f"generated: {json.dumps(metrics['generated_text'])}",
-        f"peak RSS {mb(metrics['peak_rss_bytes'])} (runtime baseline {mb(metrics['baseline_rss_bytes'])}); "
-        f"decode above baseline {mb(metrics['peak_rss_decode_bytes'])}, planned "
+        f"decode peak RSS {mb(metrics['decode_peak_rss_bytes'])} for the whole process (run peak "
+        f"{mb(metrics['peak_rss_bytes'])}); working set above the runtime baseline of "
+        f"{mb(metrics['baseline_rss_bytes'])}: {mb(metrics['decode_working_set_bytes'])}, planned "
         f"{mb(metrics['planned_peak_bytes'])}",
         f"decode {metrics['decode_tokens_per_s']:.2f} tokens/s, prefill "
         f"{metrics['prefill_tokens_per_s']:.1f} tokens/s, time to first token "
@@ -411,6 +459,9 @@ def format_summary(metrics: dict) -> str:
         f"streamed {mb(metrics['bytes_streamed_per_token'])} per token, I/O wait "
         f"{100 * metrics['io_wait_frac']:.1f}% of decode time",
     ]
+    if metrics.get("cgroup_peak_bytes") is not None:
+        lines.append(f"cgroup: peak {mb(metrics['cgroup_peak_bytes'])} (page cache charged to it "
+                     f"included) under a limit of {mb(metrics['cgroup_limit_bytes'])}")
     if "ppl" in metrics:
         lines.append(f"perplexity {metrics['ppl']:.4f} +/- {metrics['ppl_stderr']:.4f} "
                      f"({metrics['ppl_chunks']} chunks of {metrics['n_ctx']} tokens, "

@@ -131,7 +131,7 @@ class MemoryCap:
         self.record = {"limit_bytes": limit, "cgroup_usage_at_cap_bytes": usage,
                        "above_bytes": int(spec["above_bytes"]), "rss_at_cap_bytes": measure.rss_bytes(),
                        "applied_at": "decode start"}
-        log.info("memcap: limit %.1f MB = cgroup usage at decode start %.1f MB + %.1f MB",
+        log.info("memcap: limit %.1f MiB = cgroup usage at decode start %.1f MiB + %.1f MiB",
                  limit / 2**20, usage / 2**20, spec["above_bytes"] / 2**20)
 
     def release(self) -> dict:
@@ -172,6 +172,11 @@ def run_capped(settings: RunSettings, out_dir: str, cap: MemoryCap) -> dict:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict:
     global _jobs_in_process
+    from stagejax.measure import PHASE_FILE, PhaseLog
+
+    # Before the heavy imports: a job killed under a whole-process cap while importing JAX
+    # leaves this phase behind.
+    PhaseLog(Path(HydraConfig.get().runtime.output_dir) / PHASE_FILE).enter("startup")
     from stagejax.experiment import format_summary, run_experiment
     from stagejax.report import write_run_artifacts
     from stagejax.results import atomic_write_json
