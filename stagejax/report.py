@@ -4,18 +4,20 @@ Finds every run directory below a root (a directory holding `metrics.json`, desi
 written by `stagejax.experiment`, with its `plan.json` and `timeline.json` beside it) and
 writes into the root (or `--out`):
 
-  - `report.md`: one row per run — stages, groups, planned and measured decode peak, runtime
-    baseline, tokens/s, time to first token, I/O wait, bytes streamed per token, perplexity —
-    with the runs on the memory/speed Pareto front marked;
+  - `report.md`: one row per run — stages, groups, the decode peak of the whole process, the
+    runtime baseline, the working set above it and the plan's prediction of it, tokens/s, time
+    to first token, I/O wait, bytes streamed per token, perplexity — with the runs on the
+    memory/speed Pareto front (whole-process decode peak vs tokens/s) marked;
   - `report.csv`: every scalar metric of every run;
-  - `pareto.png`: decode peak RAM (above the runtime baseline) against decode tokens/s, one
-    colour per schedule, the Pareto front (no other run both faster and smaller) drawn;
+  - `pareto.png`: the whole process's decode peak RSS against decode tokens/s, one colour per
+    schedule, the Pareto front (no other run both faster and smaller) drawn;
   - `timeline.png`: each run's memory across the groups of one decode step (RSS after the
     group, its high-water mark while it ran, live JAX bytes, the plan's prediction);
   - `trace.json`: one run's decode step as a Chrome/Perfetto trace (`stagejax.trace`).
 
 Runs are labelled by the hydra overrides that differ between them (`.hydra/overrides.yaml`),
-else by their path below the root.
+else by their path below the root. Metrics files of either schema are read: before schema 2
+the decode peak was stored only above the baseline (`peak_rss_decode_bytes`). Memory is in MiB.
 
     python -m stagejax.report multirun/2026-11-21/10-00-00.000000   # or scripts/report.py
 """
@@ -54,8 +56,20 @@ class RunResult:
     job: dict | None = None  # job.json: how hydra ran it (launcher, process reuse)
 
     @property
+    def working_set_bytes(self) -> float | None:
+        """The decode's high-water RSS above the runtime baseline (schema 1: its only figure)."""
+        m = self.metrics
+        return m.get("decode_working_set_bytes", m.get("peak_rss_decode_bytes"))
+
+    @property
     def decode_peak_bytes(self) -> float | None:
-        return self.metrics.get("peak_rss_decode_bytes")
+        """The whole process's high-water RSS while decoding (design §7's headline)."""
+        m = self.metrics
+        if m.get("decode_peak_rss_bytes") is not None:
+            return m["decode_peak_rss_bytes"]
+        if self.working_set_bytes is None or m.get("baseline_rss_bytes") is None:
+            return None
+        return self.working_set_bytes + m["baseline_rss_bytes"]
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -170,13 +184,14 @@ def summary_rows(runs: Sequence[RunResult]) -> list[dict]:
             "model": m.get("model", "—"), "schedule": m.get("schedule", "—"),
             "quant": m.get("quant", "—"), "cache": m.get("cache", "—"),
             "stages": _num(m.get("n_stages"), "d"), "groups": _num(m.get("n_groups"), "d"),
-            "planned peak MB": _mb(m.get("planned_peak_bytes")),
-            "decode peak MB": _mb(m.get("peak_rss_decode_bytes")),
-            "baseline MB": _mb(m.get("baseline_rss_bytes")),
+            "decode peak MiB": _mb(run.decode_peak_bytes),
+            "baseline MiB": _mb(m.get("baseline_rss_bytes")),
+            "working set MiB": _mb(run.working_set_bytes),
+            "planned MiB": _mb(m.get("planned_peak_bytes")),
             "tokens/s": _num(m.get("decode_tokens_per_s"), ".2f"),
             "TTFT ms": "—" if ttft is None else f"{ttft * 1e3:.1f}",
             "io wait": _num(m.get("io_wait_frac"), ".2f"),
-            "MB streamed/token": _mb(m.get("bytes_streamed_per_token")),
+            "MiB streamed/token": _mb(m.get("bytes_streamed_per_token")),
             "PPL": ppl,
             "Pareto": "★" if on_front else "",
         })
@@ -222,7 +237,8 @@ def _schedule_colors(runs: Sequence[RunResult]) -> dict[str, str]:
 
 
 def pareto_figure(runs: Sequence[RunResult]):
-    """Decode peak RAM above the baseline vs decode tokens/s; the Pareto front highlighted."""
+    """The whole process's decode peak RSS vs decode tokens/s; the Pareto front highlighted.
+    The plan's predicted working set is marked above each run's baseline."""
     from matplotlib.figure import Figure
 
     colors = _schedule_colors(runs)
@@ -236,9 +252,7 @@ def pareto_figure(runs: Sequence[RunResult]):
         ax.text(0.5, 0.5, "no run has both decode tokens/s and a decode peak", ha="center",
                 transform=ax.transAxes)
         return fig
-    # A decode peak can read as ~0 or slightly negative (RSS noise around the baseline); a log
-    # axis needs it positive, so such points sit at a floor of 0.01 MB and say so.
-    floor = 0.01
+    floor = 0.01  # MiB: a log axis needs positive values (a metrics file may hold a zero)
     peaks_mb = [max(p / MB, floor) for _, _, p in points]
     log = max(peaks_mb) / min(peaks_mb) > 20
     seen_labels = set()
@@ -248,10 +262,10 @@ def pareto_figure(runs: Sequence[RunResult]):
         ax.scatter(speed, peak_mb, color=colors[schedule], marker=markers[quants.index(quant) % len(markers)],
                    s=60, zorder=3, label=None if legend in seen_labels else legend)
         seen_labels.add(legend)
-        planned = run.metrics.get("planned_peak_bytes")
-        if planned is not None:
-            ax.scatter(speed, max(planned / MB, floor), color=colors[schedule], marker="_", s=120,
-                       alpha=0.6, zorder=2)
+        planned, baseline = run.metrics.get("planned_peak_bytes"), run.metrics.get("baseline_rss_bytes")
+        if planned is not None and baseline is not None:
+            ax.scatter(speed, max((baseline + planned) / MB, floor), color=colors[schedule], marker="_",
+                       s=120, alpha=0.6, zorder=2)
         ax.annotate(run.label, (speed, peak_mb), textcoords="offset points", xytext=(6, 4), fontsize=7)
     front = [(s, pm) for ((_, s, _), pm), on in zip(zip(points, peaks_mb),
                                                     pareto_front([(s, p) for _, s, p in points])) if on]
@@ -260,11 +274,11 @@ def pareto_figure(runs: Sequence[RunResult]):
             label="Pareto front (no run both faster and smaller)")
     ax.scatter([s for s, _ in front], [p for _, p in front], s=180, facecolors="none",
                edgecolors="black", zorder=4)
-    ax.scatter([], [], color="grey", marker="_", s=120, label="planned peak")
+    ax.scatter([], [], color="grey", marker="_", s=120, label="baseline + planned working set")
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("decode tokens/s (higher is better)")
-    ax.set_ylabel("decode peak RSS above runtime baseline, MB (lower is better)")
+    ax.set_ylabel("decode peak RSS of the whole process, MiB (lower is better)")
     ax.set_title("Memory vs speed per run")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -381,9 +395,11 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, trace_run:
     text = "\n".join([
         f"# Runs in {root}",
         "",
-        f"{len(runs)} runs. Decode peak = the decode phase's high-water RSS minus the runtime "
-        "baseline (design §7); planned = the plan's budget accounting (design §5). ★ = on the "
-        "Pareto front of decode peak vs tokens/s (no other run is both faster and smaller).",
+        f"{len(runs)} runs. MiB = 2^20 bytes. Decode peak = the whole process's high-water RSS "
+        "while decoding (design §7); working set = that minus the runtime baseline (RSS after "
+        "imports, compilation and warm-up, before any weight); planned = the plan's prediction "
+        "of the working set (design §5). ★ = on the Pareto front of decode peak vs tokens/s "
+        "(no other run is both faster and smaller).",
         "",
         markdown_table(rows),
         "",

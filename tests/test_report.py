@@ -195,3 +195,19 @@ def test_joblib_sweep_writes_two_complete_runs_and_a_report(joblib_sweep):
     trace = json.loads((sweep / "0" / "trace.json").read_text())  # written by the run itself
     check_trace(trace, [g["group"] for g in groups])
     assert (sweep / "0" / "timeline.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_reads_both_metrics_schemas(tmp_path):
+    """Schema 1 stored the decode peak above the baseline only; schema 2 the whole process's."""
+    old = make_run(tmp_path, "old", ["schedule=atomic"], "atomic", 10.0, 5, 3)
+    new = make_run(tmp_path, "new", ["schedule=model"], "model", 30.0, 600, 1)
+    metrics = json.loads((new / "metrics.json").read_text())
+    metrics.pop("peak_rss_decode_bytes")
+    metrics |= {"schema_version": 2, "decode_peak_rss_bytes": 900 * MB, "decode_working_set_bytes": 600 * MB}
+    (new / "metrics.json").write_text(json.dumps(metrics))
+    runs = {r.run_dir.name: r for r in load_runs(tmp_path)}
+    assert runs["old"].decode_peak_bytes == 305 * MB and runs["old"].working_set_bytes == 5 * MB
+    assert runs["new"].decode_peak_bytes == 900 * MB and runs["new"].working_set_bytes == 600 * MB
+    table = write_report(tmp_path, progress=False)["markdown"].read_text()
+    assert "| decode peak MiB | baseline MiB | working set MiB |" in table
+    assert "| 305.0 | 300.0 | 5.0 |" in table and "| 900.0 | 300.0 | 600.0 |" in table
