@@ -199,7 +199,7 @@ def main(cfg: DictConfig) -> dict:
             metrics = run_capped(settings, out_dir, cap)
         finally:
             atomic_write_json(Path(out_dir) / "memcap.json", cap.release())
-    written = write_run_artifacts(out_dir)
+    written = write_run_artifacts(out_dir) if settings.tracking.artifacts else {}
     job["wandb_dir"] = log_run(
         settings, metrics, out_dir, name=job["override_dirname"][:128] or None,
         job_type=settings.schedule.policy,
@@ -208,7 +208,7 @@ def main(cfg: DictConfig) -> dict:
     atomic_write_json(Path(out_dir) / "job.json", job)
     print(format_summary(metrics))
     print(f"results: {out_dir}")
-    print(f"  metrics.json, plan.json, timeline.json, {', '.join(p.name for p in written.values())}, job.json")
+    print(f"  metrics.json, plan.json, timeline.json, {''.join(p.name + ', ' for p in written.values())}job.json")
     if job["wandb_dir"]:
         print(f"  wandb ({settings.tracking.mode}): {job['wandb_dir']}"
               + (f"  (upload: wandb sync {job['wandb_dir']})" if settings.tracking.mode == "offline" else ""))

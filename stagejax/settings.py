@@ -190,6 +190,9 @@ class PathSettings:
 class TrackingSettings:
     mode: str = "offline"
     project: str = "stagejax"
+    # trace.json and timeline.png after the run (matplotlib: ~50 MB more RSS, which a run under
+    # a tight whole-process cap may not have after its decode)
+    artifacts: bool = True
 
     def __post_init__(self):
         _check_choice("tracking.mode", self.mode, TRACKING_MODES)
