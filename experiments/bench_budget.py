@@ -37,7 +37,7 @@ def main():
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "budget_smollm2"))
     args = parser.parse_args()
 
-    from stagejax.results import atomic_write_json, atomic_write_text
+    from stagejax_device.results import atomic_write_json, atomic_write_text
 
     out = Path(args.out)
     jobs = [(float(b), policy) for b in args.budgets.split(",") for policy in args.policies.split(",")]

@@ -39,7 +39,7 @@ def main():
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "kv_smollm2"))
     args = parser.parse_args()
 
-    from stagejax.results import atomic_write_json, atomic_write_text
+    from stagejax_device.results import atomic_write_json, atomic_write_text
 
     out = Path(args.out)
     mb = 2 ** 20

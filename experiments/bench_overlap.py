@@ -9,7 +9,7 @@ measured in one process under several ways of getting its weights, interleaved o
   python         a Python prefetch thread reads `--depth` units ahead (with shared reads: a
                  waiting executor reads a unit itself), handing units over with a condition
                  variable under the GIL
-  native         the same with the GIL-free C reader (`stagejax.store.native_stream`)
+  native         the same with the GIL-free C reader (`stagejax_device.native_stream`)
   decoy-python   the Python thread copies every unit and the executor waits for each, but
   decoy-native   computes on resident zeros (the same for the C reader): the copying and
                  hand-offs without consuming memory another core has just written
@@ -77,10 +77,10 @@ def main():
 
     from stagejax import experiment as ex
     from stagejax.executor import _ZeroPrefetcher, _ZeroWeights
-    from stagejax.results import atomic_write_json, atomic_write_text
+    from stagejax_device.results import atomic_write_json, atomic_write_text
     from stagejax.sampling import SamplingConfig
-    from stagejax.store.coalesce import CoalescingPrefetcher
-    from stagejax.store.weight_store import WeightStore
+    from stagejax_device.coalesce import CoalescingPrefetcher
+    from stagejax_device.weight_store import WeightStore
 
     schedule = dict(ffn_chunks=args.ffn_chunks, vocab_chunk=args.vocab_chunk, prefetch_depth=args.depth)
     if args.budget_mb is not None:

@@ -230,7 +230,7 @@ def main():
         run_one(scheme, policy, out / scheme / policy, args)
         return
 
-    from stagejax.results import atomic_write_json, atomic_write_text
+    from stagejax_device.results import atomic_write_json, atomic_write_text
 
     matvec = None
     if args.matvec or args.matvec_only:

@@ -125,7 +125,7 @@ def main():
     median = lambda values: float(np.median(values))
     bandwidth_1t, bandwidth = median(one_thread) / 1e9, median(all_cores) / 1e9
 
-    from stagejax.results import atomic_write_json, atomic_write_text
+    from stagejax_device.results import atomic_write_json, atomic_write_text
 
     ms = lambda r: 1e3 / r["decode_tokens_per_s"]
     listed = lambda values, fmt: " / ".join(fmt.format(v) for v in values)

@@ -28,7 +28,7 @@ from pathlib import Path
 from stagejax import codesign
 from stagejax.devices import load_device
 from stagejax.fitting import CHINCHILLA, load_loss_model
-from stagejax.results import atomic_write_text
+from stagejax_device.results import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pareto"
 CONSOLE_ROWS = 16  # rows of each front printed to the console (the files hold all of them)
@@ -79,7 +79,7 @@ def plot(results: dict, path: Path, latency_budget_s: float) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)  # atomic, like stagejax.results
+    os.replace(tmp, path)  # atomic, like stagejax_device.results
 
 
 def main(argv=None) -> int:

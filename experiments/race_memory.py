@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stagejax.memcap import COMPLETED, CgroupUnavailable, find_memory_cgroup, run_from_start  # noqa: E402
-from stagejax.results import atomic_write_json, atomic_write_text  # noqa: E402
+from stagejax_device.results import atomic_write_json, atomic_write_text  # noqa: E402
 
 MIB = 2**20
 DEFAULT_CAPS_MIB = (512, 256, 150, 110, 90, 64)

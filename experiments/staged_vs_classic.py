@@ -168,7 +168,7 @@ def main(argv=None) -> None:
 
     from tqdm import tqdm
 
-    from stagejax.results import atomic_write_json, atomic_write_text
+    from stagejax_device.results import atomic_write_json, atomic_write_text
 
     out = Path(args.out)
     preset = preset_settings()

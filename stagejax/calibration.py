@@ -43,7 +43,7 @@ from typing import Callable
 
 import numpy as np
 
-from stagejax.results import atomic_write_json
+from stagejax_device.results import atomic_write_json
 from stagejax.roofline import Device
 
 CALIBRATION_FORMAT = 6  # bump when the probes change meaning: cached records are re-measured

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stagejax import measure
+from stagejax_device import measure
 from stagejax.activation_store import ActivationStore
 from stagejax.quant import largest_dequantized_bytes
-from stagejax.store.coalesce import CoalescingPrefetcher
+from stagejax_device.coalesce import CoalescingPrefetcher
 from stagejax.kv_cache import HostKVCache, KVLayout, aligned_empty, stored_kv, stored_kv_group
 from stagejax.model_config import ModelConfig
 from stagejax.sampling import SamplingConfig, sample_token

@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 from scipy import optimize
 
-from stagejax.results import atomic_write_json
+from stagejax_device.results import atomic_write_json
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,7 @@ import numpy as np
 
 from stagejax import ops
 from stagejax.model_config import ModelConfig
-from stagejax.store.weight_store import aligned_empty as aligned_bytes
+from stagejax_device.weight_store import aligned_empty as aligned_bytes
 
 KV_LOCATIONS = ("ram", "disk")
 KV_ORDERS = ("head_major", "token_major")

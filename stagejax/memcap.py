@@ -26,7 +26,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from stagejax.measure import PHASE_FILE
+from stagejax_device.measure import PHASE_FILE
 
 MB = 2**20
 
@@ -308,7 +308,7 @@ def run_from_start(command: list[str], cap_bytes: int, *, time_limit_s: float,
     The page cache is dropped first (`drop_cache`), so the job pays for every file page it
     reads. A job past `time_limit_s` is killed with its whole process group and reported as
     TIMEOUT, never left to hang; an OOM kill is KILLED, with the last phase the job wrote to
-    `run_dir/PHASE_FILE` (stagejax.measure.PhaseLog). Raises CgroupUnavailable where no memory controller is usable.
+    `run_dir/PHASE_FILE` (stagejax_device.measure.PhaseLog). Raises CgroupUnavailable where no memory controller is usable.
     """
     parent, version = find_memory_cgroup()
     cgroup = create_cgroup(parent, version, name or f"stagejax-cap-{os.getpid()}-{time.monotonic_ns()}")

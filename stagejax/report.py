@@ -34,7 +34,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from stagejax.results import atomic_write_json, atomic_write_text
+from stagejax_device.results import atomic_write_json, atomic_write_text
 from stagejax.trace import chrome_trace, split_timeline
 
 MB = 2**20

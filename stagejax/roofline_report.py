@@ -51,7 +51,7 @@ import statistics
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from stagejax.results import atomic_write_json, atomic_write_text
+from stagejax_device.results import atomic_write_json, atomic_write_text
 from stagejax.roofline import Device
 
 # Directories that hold no runs of ours (wandb's files, submitit's pickles, hydra's config copy).

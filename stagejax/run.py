@@ -109,7 +109,7 @@ class MemoryCap:
         return None if text == "max" else int(text.split()[0])
 
     def apply(self) -> None:
-        from stagejax import measure
+        from stagejax_device import measure
 
         spec = self.spec
         if spec.get("reclaim_file"):
@@ -172,14 +172,14 @@ def run_capped(settings: RunSettings, out_dir: str, cap: MemoryCap) -> dict:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict:
     global _jobs_in_process
-    from stagejax.measure import PHASE_FILE, PhaseLog
+    from stagejax_device.measure import PHASE_FILE, PhaseLog
 
     # Before the heavy imports: a job killed under a whole-process cap while importing JAX
     # leaves this phase behind.
     PhaseLog(Path(HydraConfig.get().runtime.output_dir) / PHASE_FILE).enter("startup")
     from stagejax.experiment import format_summary, run_experiment
     from stagejax.report import write_run_artifacts
-    from stagejax.results import atomic_write_json
+    from stagejax_device.results import atomic_write_json
     from stagejax.tracking import log_run
 
     settings = to_settings(cfg)

@@ -21,6 +21,14 @@ class Tokenizer:
     add_bos: bool = False
     chat_template: str | None = None
 
+    @classmethod
+    def from_checkpoint(cls, manifest) -> "Tokenizer":
+        """The model's tokenizer, rebuilt from a stage-shard checkpoint's `tokenizer.json`."""
+        info = manifest.tokenizer_info
+        backend = tokenizers.Tokenizer.from_file(str(manifest.tokenizer_file()))
+        return cls(backend, bos_token_id=info["bos_token_id"], eos_token_id=info["eos_token_id"],
+                   add_bos=info["add_bos"], chat_template=info["chat_template"])
+
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)

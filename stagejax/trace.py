@@ -31,7 +31,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from stagejax.results import atomic_write_json
+from stagejax_device.results import atomic_write_json
 
 PID = 1
 EXECUTOR_TID = 1

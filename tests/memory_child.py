@@ -20,7 +20,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax.monitoring  # noqa: E402
 import numpy as np  # noqa: E402
 
-from stagejax import decode, executor, experiment, measure  # noqa: E402
+from stagejax import decode, executor, experiment  # noqa: E402
+from stagejax_device import measure  # noqa: E402
 from stagejax.settings import (DecodeSettings, EvalSettings, ModelSettings, RunSettings,  # noqa: E402
                                ScheduleSettings, TrackingSettings)
 

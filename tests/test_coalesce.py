@@ -6,7 +6,7 @@ import pytest
 from stagejax.loading import open_model
 from stagejax.stages import ChunkLayout, build_stages
 from stagejax.store import WeightStore, convert_checkpoint
-from stagejax.store.coalesce import CoalescingPrefetcher, coalesce
+from stagejax_device.coalesce import CoalescingPrefetcher, coalesce
 
 
 def test_coalesce_runs():

@@ -1,4 +1,4 @@
-"""The GIL-free weight reader (stagejax/store/native_stream.py): same units, same bytes, same
+"""The GIL-free weight reader (stagejax_device/native_stream.py): same units, same bytes, same
 depth and memory rules as the Python prefetch thread; errors name the array; chosen by `reader`."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import pytest
 
 from stagejax.loading import open_model
 from stagejax.store import CheckpointError, Manifest, WeightStore, convert_checkpoint
-from stagejax.store import native_stream
-from stagejax.store.coalesce import CoalescingPrefetcher
-from stagejax.store.native_stream import NativePrefetcher, make_prefetcher
-from stagejax.store.weight_store import Prefetcher
+from stagejax_device import native_stream
+from stagejax_device.coalesce import CoalescingPrefetcher
+from stagejax_device.native_stream import NativePrefetcher, make_prefetcher
+from stagejax_device.weight_store import Prefetcher
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stagejax.results import atomic_write_json
+from stagejax_device.results import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ from stagejax.executor import StagedDecoder
 from stagejax.kv_cache import KVLayout
 from stagejax.loading import open_model
 from stagejax.stages import ChunkLayout, build_stages
-from stagejax.store import native_stream
+from stagejax_device import native_stream
 from stagejax.store import WeightStore, assemble_params, convert_checkpoint
 
 TINY_ATOL = 1e-5

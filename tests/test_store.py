@@ -24,6 +24,7 @@ from stagejax.store import (CheckpointError, Manifest, Prefetcher, WeightStore, 
                             vocab_chunk_bounds)
 from stagejax.store import convert as convert_module
 from stagejax.store.layout import flatten
+from stagejax.tokenizer import Tokenizer
 
 FFN_CHUNKS, VOCAB_CHUNK = 3, 100  # tiny: F 53 -> 18/18/17, V 257 -> 100/100/57 (GPT-2 71, 263)
 BLOCK_BYTES = 1024  # small checksum blocks, so tiny arrays span several (tiny embed row: 148 B)
@@ -129,7 +130,7 @@ def test_round_trip_is_bit_exact(converted):
     with WeightStore(path, expect_config=handle.config) as store:
         m = store.manifest
         arrays = store.read(m.keys)
-        rebuilt = flatten(assemble_params(arrays, m.config, m.ffn_chunk_bounds, m.vocab_chunk_bounds))
+        rebuilt = flatten(assemble_params(arrays, handle.config, m.ffn_chunk_bounds, m.vocab_chunk_bounds))
         assert rebuilt.keys() == source.keys()
         for key in source:
             assert bits_equal(rebuilt[key], source[key]), key
@@ -175,7 +176,7 @@ def test_reads_are_aligned_and_zero_copy_into_jax(converted):
 
 def test_tokenizer_is_rebuilt_from_the_checkpoint(converted):
     handle, path = converted
-    tokenizer = Manifest.read(path).tokenizer()
+    tokenizer = Tokenizer.from_checkpoint(Manifest.read(path))
     text = "Stage shards, héllo!"
     assert tokenizer.encode(text) == handle.tokenizer.encode(text)
     assert tokenizer.eos_token_id == handle.tokenizer.eos_token_id
@@ -548,11 +549,11 @@ def test_smollm2_conversion(tmp_path):
     assert manifest.source["sha256"] == convert_module._file_sha256(gguf_path)
     assert not any(key.startswith("head/") for key in manifest.arrays)  # tied to embed/0/w
     assert len(manifest.arrays) == 1 + 30 * (2 + 9 + 3 + 3 + 1 + 2 * 3) + 1
-    assert manifest.tokenizer().encode("The capital of France is") == [504, 3575, 282, 4649, 314]
+    assert Tokenizer.from_checkpoint(manifest).encode("The capital of France is") == [504, 3575, 282, 4649, 314]
     source = flatten(params)
     with WeightStore(path, verify="read", expect_config=handle.config) as store:
         arrays = store.read(manifest.keys)
-        rebuilt = flatten(assemble_params(arrays, manifest.config, manifest.ffn_chunk_bounds,
+        rebuilt = flatten(assemble_params(arrays, handle.config, manifest.ffn_chunk_bounds,
                                           manifest.vocab_chunk_bounds))
         for key in source:
             assert bits_equal(rebuilt[key], source[key]), key

@@ -26,8 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from stagejax import measure  # noqa: E402
-from stagejax.results import atomic_write_json  # noqa: E402
+from stagejax_device import measure  # noqa: E402
+from stagejax_device.results import atomic_write_json  # noqa: E402
 
 THREADS = 2  # this machine's cores; llama.cpp's default would be the same here
 

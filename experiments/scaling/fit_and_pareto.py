@@ -41,7 +41,7 @@ import numpy as np
 from stagejax import codesign
 from stagejax.devices import load_device
 from stagejax.fitting import CHINCHILLA, save_loss_model
-from stagejax.results import atomic_write_json, atomic_write_text
+from stagejax_device.results import atomic_write_json, atomic_write_text
 from stagejax.training.sweep import SweepFit, collect_runs, fit_sweep
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "scaling"
@@ -132,7 +132,7 @@ def plot(fit: SweepFit, path: Path, loss_key: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)  # atomic, like stagejax.results
+    os.replace(tmp, path)  # atomic, like stagejax_device.results
 
 
 def pareto_rows(grid, device, workload, law_n, n_range) -> list[dict]:

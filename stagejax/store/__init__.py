@@ -18,8 +18,8 @@ from stagejax.store.convert import (ConvertSettings, checkpoint_path, convert_ch
                                     convert_from_settings, default_cache_dir)
 from stagejax.store.layout import (QUANT_SCHEMES, assemble_params, ffn_chunk_bounds,
                                    shard_arrays, vocab_chunk_bounds)
-from stagejax.store.manifest import FORMAT_VERSION, ArrayInfo, CheckpointError, Manifest
-from stagejax.store.weight_store import VERIFY_MODES, Prefetcher, WeightStore, aligned_empty
+from stagejax_device.manifest import FORMAT_VERSION, ArrayInfo, CheckpointError, Manifest
+from stagejax_device.weight_store import VERIFY_MODES, Prefetcher, WeightStore, aligned_empty
 
 __all__ = [
     "ArrayInfo", "CheckpointError", "ConvertSettings", "FORMAT_VERSION", "Manifest", "Prefetcher",

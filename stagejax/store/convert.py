@@ -33,7 +33,8 @@ from stagejax.settings import ModelSettings, PathSettings, QuantSettings
 from stagejax.store.layout import (QUANT_SCHEMES, ffn_chunk_bounds, flatten, nest,
                                    normalize_vocab_chunk, shard_arrays, stored_arrays,
                                    vocab_chunk_bounds)
-from stagejax.store.manifest import (DEFAULT_CHECKSUM, FORMAT_VERSION, MANIFEST_FILE,
+from stagejax_device.paths import default_cache_dir
+from stagejax_device.manifest import (DEFAULT_CHECKSUM, FORMAT_VERSION, MANIFEST_FILE,
                                      TOKENIZER_FILE, ArrayInfo, CheckpointError, Manifest,
                                      checksum_function)
 
@@ -41,11 +42,6 @@ from stagejax.store.manifest import (DEFAULT_CHECKSUM, FORMAT_VERSION, MANIFEST_
 # crc32, ~3 µs of xxh3), while a 3.5 MB FFN matrix needs only 54 checksums.
 DEFAULT_CHECKSUM_BLOCK_BYTES = 64 * 1024
 HASH_CHARS = 16  # of the sha256 hex digest in the directory name: 64 bits, no accidental clashes
-
-
-def default_cache_dir() -> Path:
-    """`$STAGEJAX_CACHE`, else `~/.cache/stagejax` (design §4)."""
-    return Path(os.environ.get("STAGEJAX_CACHE") or "~/.cache/stagejax").expanduser()
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
@@ -268,7 +264,7 @@ def write_checkpoint(directory: Path, model_name: str, config: ModelConfig, toke
                           "eos_token_id": tokenizer.eos_token_id,
                           "add_bos": tokenizer.add_bos, "chat_template": tokenizer.chat_template}
     manifest = Manifest(
-        format_version=FORMAT_VERSION, model_name=model_name, config=config,
+        format_version=FORMAT_VERSION, model_name=model_name, config=config.to_dict(),
         conversion=conversion, arrays=arrays, ffn_chunk_bounds=ffn_bounds,
         vocab_chunk_bounds=vocab_bounds, source=source, tokenizer_info=tokenizer_info,
         extra={"orbax_checkpoint_version": ocp.__version__,

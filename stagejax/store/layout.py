@@ -255,7 +255,7 @@ def params_spec(manifest) -> dict:
     specs = {key: jax.ShapeDtypeStruct(info.shape, np.dtype(info.dtype))
              for key, info in manifest.arrays.items()}
     return jax.eval_shape(lambda arrays: assemble_params(
-        arrays, manifest.config, list(manifest.ffn_chunk_bounds),
+        arrays, ModelConfig.from_dict(manifest.config), list(manifest.ffn_chunk_bounds),
         list(manifest.vocab_chunk_bounds)), specs)
 
 

@@ -26,7 +26,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from stagejax import data as data_files
-from stagejax.results import atomic_write_json
+from stagejax_device.results import atomic_write_json
 from stagejax.store.convert import resolve_cache_dir
 from stagejax.tokenizer import Tokenizer
 

@@ -33,7 +33,7 @@ import optax
 from stagejax import ops
 from stagejax.models import Decoder
 from stagejax.models.layers import INIT_STDDEV
-from stagejax.results import atomic_write_json, atomic_write_text
+from stagejax_device.results import atomic_write_json, atomic_write_text
 from stagejax.training.architecture import model_config, param_counts, training_flops
 from stagejax.training.checkpoint import Checkpointer
 from stagejax.training.data import BatchSampler, eval_batches

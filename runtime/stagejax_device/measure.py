@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from stagejax.results import atomic_write_json
+from stagejax_device.results import atomic_write_json
 
 # A job reports its phase in this file of its run directory (`PhaseLog`).
 PHASE_FILE = "phase.json"
@@ -42,13 +42,6 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def live_jax_bytes() -> int:
-    """Bytes held by live JAX arrays (on CPU `memory_stats()` is None, so count arrays)."""
-    import jax
-
-    return sum(array.nbytes for array in jax.live_arrays())
 
 
 def process_age_s() -> float:

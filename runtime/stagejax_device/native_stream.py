@@ -32,8 +32,9 @@ from typing import Sequence
 
 import numpy as np
 
-from stagejax.store.manifest import CheckpointError
-from stagejax.store.weight_store import ALIGN_BYTES, aligned_empty
+from stagejax_device.manifest import CheckpointError
+from stagejax_device.paths import default_cache_dir
+from stagejax_device.weight_store import ALIGN_BYTES, aligned_empty
 
 _SOURCE = Path(__file__).with_name("_stream.c")
 
@@ -73,8 +74,6 @@ def library():
     global _library, _library_error
     with _library_lock:
         if _library is None and _library_error is None:
-            from stagejax.store.convert import default_cache_dir
-
             digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]
             target = default_cache_dir() / "native" / f"stream-{digest}.so"
             try:

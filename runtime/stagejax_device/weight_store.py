@@ -29,8 +29,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from stagejax.model_config import ModelConfig
-from stagejax.store.manifest import ArrayInfo, CheckpointError, Manifest, checksum_function
+from stagejax_device.manifest import ArrayInfo, CheckpointError, Manifest, checksum_function
 
 VERIFY_MODES = ("open", "read", "off")
 ALIGN_BYTES = 64  # jax.device_put of a 64-byte-aligned host array is zero-copy on CPU
@@ -62,7 +61,7 @@ class WeightStore:
     Args:
       path: the checkpoint directory (from `convert_checkpoint`).
       verify: "read" (check each block read), "open" (check everything once now) or "off".
-      expect_config: refuse a checkpoint whose model config differs.
+      expect_config: refuse a checkpoint whose model config differs (a ModelConfig or its dict).
       drop_page_cache: drop the checkpoint's pages from the OS page cache now (cold runs).
       pool_bytes: most bytes of released buffers kept for reuse (None: no limit).
       expect_model: refuse a checkpoint of another model name.
@@ -77,7 +76,7 @@ class WeightStore:
     """
 
     def __init__(self, path: str | os.PathLike, verify: str = "read",
-                 expect_config: ModelConfig | None = None, drop_page_cache: bool = False,
+                 expect_config=None, drop_page_cache: bool = False,
                  pool_bytes: int | None = None, expect_model: str | None = None):
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify={verify!r} is not one of {VERIFY_MODES}")

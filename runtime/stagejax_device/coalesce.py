@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from stagejax.store.native_stream import make_prefetcher
-from stagejax.store.weight_store import ALIGN_BYTES, Prefetcher
+from stagejax_device.native_stream import make_prefetcher
+from stagejax_device.weight_store import ALIGN_BYTES, Prefetcher
 
 
 def _aligned(nbytes: int) -> int:

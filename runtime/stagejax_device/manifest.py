@@ -21,7 +21,6 @@ import zlib
 from pathlib import Path
 from typing import Callable
 
-from stagejax.model_config import ModelConfig
 
 # Bump when the layout, the manifest or the meaning of a field changes; readers refuse others.
 FORMAT_VERSION = 1
@@ -96,7 +95,7 @@ class Manifest:
 
     format_version: int
     model_name: str
-    config: ModelConfig
+    config: dict  # the model's architecture (stagejax.model_config.ModelConfig.to_dict())
     conversion: dict  # ffn_chunks, vocab_chunk, quant, dtype, checksum, checksum_block_bytes
     arrays: dict[str, ArrayInfo]
     ffn_chunk_bounds: list[int]
@@ -114,28 +113,20 @@ class Manifest:
     def nbytes(self) -> int:
         return sum(info.nbytes for info in self.arrays.values())
 
-    def tokenizer(self):
-        """The model's tokenizer, rebuilt from the checkpoint's `tokenizer.json`."""
-        import tokenizers
-
-        from stagejax.tokenizer import Tokenizer
-
+    def tokenizer_file(self) -> Path:
+        """The checkpoint's `tokenizer.json` (with `tokenizer_info`'s ids and chat template)."""
         if self.path is None:
             raise ValueError("this manifest was not read from a checkpoint directory")
-        info = self.tokenizer_info
-        if info is None:
+        if self.tokenizer_info is None:
             raise CheckpointError(f"{self.path}: the model was converted without a tokenizer "
                                   "(its source had none)")
-        backend = tokenizers.Tokenizer.from_file(str(self.path / info["file"]))
-        return Tokenizer(backend, bos_token_id=info["bos_token_id"],
-                         eos_token_id=info["eos_token_id"], add_bos=info["add_bos"],
-                         chat_template=info["chat_template"])
+        return self.path / self.tokenizer_info["file"]
 
     def to_json(self) -> dict:
         return {
             "format_version": self.format_version,
             "model_name": self.model_name,
-            "config": self.config.to_dict(),
+            "config": self.config,
             "conversion": self.conversion,
             "ffn_chunk_bounds": self.ffn_chunk_bounds,
             "vocab_chunk_bounds": self.vocab_chunk_bounds,
@@ -177,7 +168,7 @@ class Manifest:
             return cls(
                 format_version=version,
                 model_name=data["model_name"],
-                config=ModelConfig.from_dict(data["config"]),
+                config=dict(data["config"]),
                 conversion=data["conversion"],
                 arrays={key: ArrayInfo.from_json(key, info)
                         for key, info in data["arrays"].items()},
@@ -191,15 +182,16 @@ class Manifest:
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from e
 
-    def check_matches(self, config: ModelConfig | None = None,
-                      model_name: str | None = None) -> None:
-        """Refuse a checkpoint of another model, naming the fields that differ."""
+    def check_matches(self, config=None, model_name: str | None = None) -> None:
+        """Refuse a checkpoint of another model, naming the fields that differ. `config`: the
+        expected architecture, a dict or an object with `to_dict()` (a ModelConfig)."""
         where = self.path or "checkpoint"
         if model_name is not None and model_name != self.model_name:
             raise CheckpointError(f"{where}: checkpoint of model {self.model_name!r}, "
                                   f"expected {model_name!r}")
-        if config is not None and config != self.config:
-            ours, theirs = self.config.to_dict(), config.to_dict()
+        theirs = config.to_dict() if hasattr(config, "to_dict") else config
+        if theirs is not None and theirs != self.config:
+            ours = self.config
             diff = ", ".join(f"{k}={ours[k]!r} (expected {theirs[k]!r})"
                              for k in ours if ours[k] != theirs[k])
             raise CheckpointError(f"{where}: checkpoint of another model "
