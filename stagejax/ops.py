@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stagejax_device.kv_store import KV_DTYPES  # the cache owns its dtypes
+
 # Masked scores use a large finite negative rather than -inf so that a fully masked row
 # (possible for padded positions) yields a uniform softmax instead of NaNs.
 MASK_VALUE = -1e30
@@ -189,7 +191,6 @@ def online_softmax_finish(carry):
 # KV-cache storage dtypes. A lossy cache changes the numbers attention sees, so every path
 # (the cache itself, a step's own keys/values, the monolithic model) applies the same round
 # trip `kv_roundtrip`, and staged == monolithic still holds to float32 rounding.
-KV_DTYPES = ("float32", "bfloat16", "int8")
 INT8_MAX = 127.0
 
 
