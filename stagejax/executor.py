@@ -57,6 +57,34 @@ def _warm_up(function, *specs) -> None:
     jax.block_until_ready(function(*zeros))
 
 
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """One distinct executable of a plan: the seam the JAX executor and the exporter share
+    (design §9). A pure function, the argument specs it is compiled for (static shapes; `Host`
+    marks arguments real calls pass as host arrays), the arguments it donates and XLA's options.
+    The executor compiles `jit()`; `stagejax.export` serialises the same `jit()` with
+    `jax.export` for IREE, so the two run one description."""
+
+    name: str
+    fn: Callable
+    specs: tuple
+    donate_argnums: tuple[int, ...] = ()
+    compiler_options: dict | None = None
+
+    def jit(self):
+        # keep_unused: a stage that only writes an entry (embed: x, norms: h) must still receive
+        # its donated buffer, so the output reuses it; and exported signatures stay whole.
+        return jax.jit(self.fn, donate_argnums=self.donate_argnums, keep_unused=True,
+                       compiler_options=self.compiler_options)
+
+
+def sampler_program(config: ModelConfig, sampling: SamplingConfig) -> Program:
+    """Next token from a step's logits [V] and a PRNG key [2] uint32."""
+    return Program("sample", lambda logits, key: sample_token(logits, key, sampling),
+                   (jax.ShapeDtypeStruct((config.vocab_size,), jnp.float32),
+                    jax.ShapeDtypeStruct((2,), jnp.uint32)))
+
+
 def _leaf(key: str) -> str:
     return key.rsplit("/", 1)[1]
 
@@ -119,13 +147,15 @@ class StagedDecoder:
         block_tokens; default: one stored block).
       activations: "ram" (donated from group to group) or "disk" (each group's outputs written
         to a file and read back by the groups that use them; `ActivationStore`).
+      warm_up: compile every executable now (False: only describe them as `programs`, as the
+        exporter needs; such a decoder cannot run).
     """
 
     def __init__(self, config: ModelConfig, store, layout: ChunkLayout, policy: str,
                  kv_layout: KVLayout, capacity: int, prefill_block: int = 64,
                  prefetch_depth: int = 1, sampling: SamplingConfig = SamplingConfig(),
                  groups: Sequence[Group] | None = None, kv_block: int | None = None,
-                 activations: str = "ram", reader: str = "auto"):
+                 activations: str = "ram", reader: str = "auto", warm_up: bool = True):
         self.config, self.store, self.layout, self.policy = config, store, layout, policy
         # Stored keys: a quantized weight is several arrays (stagejax.quant), listed per stage.
         self.stages: list[Stage] = build_stages(config, layout, store.manifest.arrays)
@@ -165,17 +195,20 @@ class StagedDecoder:
         # Instrumented passes: called after each group with (index, group, start, end, wait)
         # — perf_counter seconds, and the seconds it waited for weights or KV blocks.
         self.observer: Callable[[int, Group, float, float, float], None] | None = None
+        self._warm_up = warm_up
         start = time.perf_counter()
         self._executables: dict[tuple, Callable] = {}
+        self.programs: dict[tuple, Program] = {}  # by signature, beside `_executables`
         self._specs: dict[int, tuple] = {}  # argument specs, by id() of the kept executable
         self._group_exe: dict[tuple[int, int, bool], Callable] = {}
         for tokens in sorted({1, prefill_block}):
             for scoring in (False, True):
                 for gi in range(len(self.groups)):
                     self._group_exe[(gi, tokens, scoring)] = self._compile_group(gi, tokens, scoring)
-        self._sample = jax.jit(lambda logits, key: sample_token(logits, key, sampling))
-        _warm_up(self._sample, jax.ShapeDtypeStruct((config.vocab_size,), jnp.float32),
-                 jax.ShapeDtypeStruct((2,), jnp.uint32))
+        self.sampler = sampler_program(config, sampling)
+        self._sample = self.sampler.jit()
+        if warm_up:
+            _warm_up(self._sample, *self.sampler.specs)
         self.compile_s = time.perf_counter() - start
         self._states = {}
 
@@ -263,18 +296,23 @@ class StagedDecoder:
             return {e: state[e] for e in written}
 
         past_spec = tuple(self._host_specs(None, self.cache.capacity) for _ in group.kv_layers)
-        # keep_unused: a stage that only writes an entry (embed: x, norms: h) must still receive its
-        # donated buffer, so the output reuses it instead of allocating.
         options = ATTENTION_COMPILER_OPTIONS if "attn" in kinds else None
-        executable = jax.jit(run, donate_argnums=(0,), keep_unused=True, compiler_options=options)
-        return self._keep(signature, executable, (
+        return self._keep(signature, run, (
             {e: state_spec[e] for e in written}, {e: state_spec[e] for e in read_only},
             weight_specs, self._ctx_spec(tokens, scoring),
-            jax.ShapeDtypeStruct((len(group.stages),), jnp.int32), past_spec))
+            jax.ShapeDtypeStruct((len(group.stages),), jnp.int32), past_spec), (0,), options)
 
-    def _keep(self, signature: tuple, executable, specs: tuple):
-        """Compile `executable` for `specs` (`_warm_up`) and keep it under `signature`."""
-        _warm_up(executable, *specs)
+    def _keep(self, signature: tuple, fn, specs: tuple, donate_argnums: tuple = (),
+              compiler_options: dict | None = None):
+        """Make `fn` a `Program`, compile it for `specs` (`_warm_up`) and keep it under
+        `signature`; returns the jitted executable."""
+        kind, tokens, scoring = signature[:3]
+        name = f"{kind}_t{tokens}_{'score' if scoring else 'gen'}_{len(self.programs)}"
+        program = Program(name, fn, specs, donate_argnums, compiler_options)
+        executable = program.jit()
+        if self._warm_up:
+            _warm_up(executable, *specs)
+        self.programs[signature] = program
         self._executables[signature] = executable
         self._specs[id(executable)] = specs
         return executable
@@ -311,19 +349,16 @@ class StagedDecoder:
         if mode == "only":
             def run(attn, const, block, ctx, first_head):
                 return fold(attn, fresh(), const, block, ctx, first_head, 0)[0]
-            executable = jax.jit(run, donate_argnums=(0,), keep_unused=True,
-                                 compiler_options=ATTENTION_COMPILER_OPTIONS)
-            specs = (state_spec["attn"], const_spec, block_spec, ctx_spec, scalar)
+            specs, donate = (state_spec["attn"], const_spec, block_spec, ctx_spec, scalar), (0,)
         elif mode == "first":
             def run(const, block, ctx, first_head):
                 return fold(None, fresh(), const, block, ctx, first_head, 0)[1]
-            executable = jax.jit(run, compiler_options=ATTENTION_COMPILER_OPTIONS)
-            specs = (const_spec, block_spec, ctx_spec, scalar)
+            specs, donate = (const_spec, block_spec, ctx_spec, scalar), ()
         else:
-            executable = jax.jit(fold, donate_argnums=(0, 1) if finish else (1,), keep_unused=True,
-                                 compiler_options=ATTENTION_COMPILER_OPTIONS)
+            run = fold
             specs = (state_spec["attn"], carry_spec, const_spec, block_spec, ctx_spec, scalar, scalar)
-        return self._keep(signature, executable, specs)
+            donate = (0, 1) if finish else (1,)
+        return self._keep(signature, run, specs, donate, ATTENTION_COMPILER_OPTIONS)
 
     def dry_run(self) -> None:
         """One prefill pass and one decode step on zero weights, through the real code path.

@@ -215,6 +215,16 @@ def main(cfg: DictConfig) -> dict:
     return metrics
 
 
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def export_main(cfg: DictConfig) -> str:
+    """`python -m stagejax.export`: the configured plan as a device bundle (`export.*` keys)."""
+    from stagejax.export import export_bundle
+
+    out = export_bundle(to_settings(cfg))
+    print(f"bundle: {out}\n  run it: stagejax-device {out} --prompt \"...\" --max-new-tokens 32")
+    return str(out)
+
+
 class SweepReport(Callback):
     """At the end of a multirun, write the sweep's report (stagejax.report) into its directory.
 

@@ -198,6 +198,23 @@ class TrackingSettings:
         _check_choice("tracking.mode", self.mode, TRACKING_MODES)
 
 
+EXPORT_TARGETS = ("host", "aarch64")
+
+
+@dataclasses.dataclass
+class ExportSettings:
+    """`python -m stagejax.export`: the plan as an IREE bundle for the device runtime."""
+
+    out: Optional[str] = None  # the bundle directory (None: outputs/bundles/<model>-<schedule>-<quant>-<cache>)
+    target: str = "host"  # host: this machine's CPU; aarch64: e.g. a Raspberry Pi 5 (Cortex-A76)
+    self_contained: bool = False  # copy the stage shards into the bundle (to carry it to a device)
+    context: int = 512  # KV rows the bundle's executables are compiled for (prompt + generated)
+
+    def __post_init__(self):
+        _check_choice("export.target", self.target, EXPORT_TARGETS)
+        _check_positive("export.context", self.context)
+
+
 @dataclasses.dataclass
 class RunSettings:
     model: ModelSettings = dataclasses.field(default_factory=ModelSettings)
@@ -210,6 +227,7 @@ class RunSettings:
     decode: DecodeSettings = dataclasses.field(default_factory=DecodeSettings)
     paths: PathSettings = dataclasses.field(default_factory=PathSettings)
     tracking: TrackingSettings = dataclasses.field(default_factory=TrackingSettings)
+    export: ExportSettings = dataclasses.field(default_factory=ExportSettings)
     seed: int = 0
 
     def __post_init__(self):
