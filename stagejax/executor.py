@@ -205,6 +205,7 @@ class StagedDecoder:
             for scoring in (False, True):
                 for gi in range(len(self.groups)):
                     self._group_exe[(gi, tokens, scoring)] = self._compile_group(gi, tokens, scoring)
+        self.sampling = sampling
         self.sampler = sampler_program(config, sampling)
         self._sample = self.sampler.jit()
         if warm_up:

@@ -40,7 +40,7 @@ import numpy as np
 from stagejax import ops
 from stagejax.devices import device_from_settings
 from stagejax.executor import Program, StagedDecoder
-from stagejax.experiment import plan_context, prompt_ids
+from stagejax.experiment import plan_context
 from stagejax.kv_cache import KVLayout
 from stagejax.loading import open_model
 from stagejax.planner import make_plan
@@ -203,7 +203,8 @@ def default_bundle_dir(settings: RunSettings) -> Path:
 
 
 def export_bundle(settings: RunSettings, progress: bool = True) -> Path:
-    """Plan the configured run, export every program and write the bundle; returns its directory."""
+    """Plan the configured run as the main job would, export every program and write the
+    bundle; returns its directory."""
     export = settings.export
     if settings.schedule.policy == "model":
         raise ValueError("schedule=model keeps every weight resident in one executable; the device "
@@ -211,7 +212,6 @@ def export_bundle(settings: RunSettings, progress: bool = True) -> Path:
     if settings.schedule.activations != "ram":
         raise ValueError("the device runtime keeps activations in its own buffers: export with "
                          "schedule.activations=ram")
-    started = time.perf_counter()
     out = Path(export.out).expanduser().resolve() if export.out else default_bundle_dir(settings)
     handle = open_model(settings.model.name, settings.model.path, settings.seed)
     config = handle.config
@@ -234,53 +234,66 @@ def export_bundle(settings: RunSettings, progress: bool = True) -> Path:
                                 sampling=sampling, groups=planned.groups, kv_block=schedule.kv_block,
                                 warm_up=False)
         try:
-            programs = list(decoder.programs.values()) + extra_programs(decoder, kv_layout, decoder.cache.capacity)
-            names = {id(decoder._executables[sig]): program.name for sig, program in decoder.programs.items()}
-            groups = group_records(decoder, names)
-            states = state_records(decoder)
-            capacity, kv_block = decoder.cache.capacity, decoder.kv_block
+            return write_bundle(decoder, out, model_name=settings.model.name, quant=settings.quant.scheme,
+                                target=export.target, self_contained=export.self_contained,
+                                planned_peak_bytes=max(row.peak_bytes for row in planned.rows),
+                                budget_mb=schedule.budget_mb, progress=progress)
         finally:
             decoder.close()
+
+
+def write_bundle(decoder: StagedDecoder, out: str | Path, *, model_name: str, quant: str,
+                 target: str = "host", self_contained: bool = False,
+                 planned_peak_bytes: int | None = None, budget_mb: float | None = None,
+                 progress: bool = False) -> Path:
+    """Export `decoder`'s programs (the ones it runs) and its wiring as a bundle at `out`."""
+    started = time.perf_counter()
+    out = Path(out)
+    config, store = decoder.config, decoder.store
+    manifest, checkpoint = store.manifest, store.path
+    kv_layout = decoder.kv_layout
+    programs = list(decoder.programs.values()) + extra_programs(decoder, kv_layout, decoder.cache.capacity)
+    names = {id(decoder._executables[sig]): program.name for sig, program in decoder.programs.items()}
+    groups = group_records(decoder, names)
     if progress:
         print(f"export: {len(programs)} functions for {len(groups)} groups; compiling with IREE "
-              f"for {export.target}", flush=True)
+              f"for {target}", flush=True)
     export_start = time.perf_counter()
     stablehlo = merged_stablehlo(programs)
     lowered_s = time.perf_counter() - export_start
-    vmfb = compile_module(stablehlo, export.target)
+    vmfb = compile_module(stablehlo, target)
     compile_s = time.perf_counter() - export_start - lowered_s
     tokenizer_info = manifest.tokenizer_info
-
     plan = {
         "format": BUNDLE_FORMAT["name"], "version": BUNDLE_FORMAT["version"],
-        "target": target_record(export.target),
+        "target": target_record(target),
         "module": {"file": MODULE_FILE, "sha256": hashlib.sha256(vmfb).hexdigest(), "bytes": len(vmfb)},
-        "checkpoint": {"path": WEIGHTS_DIR if export.self_contained else str(checkpoint),
+        "checkpoint": {"path": WEIGHTS_DIR if self_contained else str(checkpoint),
                        "manifest_sha256": manifest_sha256(checkpoint), "model_name": manifest.model_name},
-        "model": {"name": settings.model.name, "config": config.to_dict()},
+        "model": {"name": model_name, "config": config.to_dict()},
         "tokenizer": None if tokenizer_info is None else {
             "file": tokenizer_info["file"], "bos_token_id": tokenizer_info["bos_token_id"],
             "eos_token_id": tokenizer_info["eos_token_id"], "add_bos": tokenizer_info["add_bos"],
             "chat_template": tokenizer_info["chat_template"]},
-        "schedule": {"policy": schedule.policy, "budget_mb": schedule.budget_mb,
-                     "prefill_block": schedule.prefill_block, "prefetch_depth": schedule.prefetch_depth,
-                     "planned_peak_bytes": max(row.peak_bytes for row in planned.rows),
-                     "n_stages": len(build_stages(config, layout)), "n_groups": len(groups)},
-        "quant": settings.quant.scheme,
+        "schedule": {"policy": decoder.policy, "budget_mb": budget_mb,
+                     "prefill_block": decoder.prefill_block, "prefetch_depth": decoder.prefetch_depth,
+                     "planned_peak_bytes": (planned_peak_bytes if planned_peak_bytes is not None
+                                            else max(row.peak_bytes for row in decoder.plan())),
+                     "n_stages": len(decoder.stages), "n_groups": len(groups)},
+        "quant": quant,
         "kv": {"location": kv_layout.location, "order": kv_layout.order, "block_tokens": kv_layout.block_tokens,
-               "dtype": kv_layout.dtype, "read_tokens": kv_block, "capacity": capacity},
-        "vocab_bounds": list(layout.vocab_bounds), "ffn_bounds": list(layout.ffn_bounds),
-        "embed_leaves": [key.rsplit("/", 1)[1] for key in groups[0]["weight_keys"] if key.startswith("embed/0/")],
-        "sampling": dataclasses.asdict(sampling),
-        "states": states,
+               "dtype": kv_layout.dtype, "read_tokens": decoder.kv_block, "capacity": decoder.cache.capacity},
+        "vocab_bounds": list(decoder.layout.vocab_bounds), "ffn_bounds": list(decoder.layout.ffn_bounds),
+        "embed_leaves": list(decoder._embed_leaves),
+        "sampling": dataclasses.asdict(decoder.sampling),
+        "states": state_records(decoder),
         "functions": {program.name: describe(program) for program in programs},
         "groups": groups,
         "exported": {"jax": jax.__version__, "seconds_lower": round(lowered_s, 2),
                      "seconds_compile": round(compile_s, 2),
-                     "seconds_total": round(time.perf_counter() - started, 2),
-                     "prompt_example": prompt_ids(handle.tokenizer, settings)[:8]},
+                     "seconds_total": round(time.perf_counter() - started, 2)},
     }
-    _write_bundle(out, plan, vmfb, checkpoint, export.self_contained)
+    _write_bundle(out, plan, vmfb, checkpoint, self_contained)
     if progress:
         print(f"export: bundle {out} (module {len(vmfb) / 2**20:.1f} MiB, {compile_s:.1f} s to compile)")
     return out

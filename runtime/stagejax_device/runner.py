@@ -130,8 +130,9 @@ class StagedRunner:
     # ---- pieces ------------------------------------------------------------------------------
 
     def _quantize(self, k_TKH: np.ndarray, v_TKH: np.ndarray):
-        values, scales = self.module.call(f"kv_quantize_t{k_TKH.shape[0]}", (k_TKH, v_TKH))
-        return np.asarray(values), (None if scales is None else np.asarray(scales))
+        stored = self.module.call(f"kv_quantize_t{k_TKH.shape[0]}", (k_TKH, v_TKH))
+        # (values, scales); a float dtype's scales are None, which a flattened result drops
+        return np.asarray(stored[0]), (np.asarray(stored[1]) if len(stored) > 1 else None)
 
     def _state(self, tokens: int, scoring: bool) -> dict:
         key = f"{tokens}/{'score' if scoring else 'gen'}"
@@ -244,6 +245,24 @@ class StagedRunner:
                                            (attn, carry, const, block, ctx, head, np.int32(b * self.kv_block)))
         state["attn"] = attn
 
+    def dry_run(self) -> None:
+        """One prefill pass and one decode step on zero weights, before any weight is read:
+        first-use costs (IREE's executables loaded, buffers allocated) are the runtime's, so the
+        baseline is measured after them, as the JAX executor's dry run does. The KV rows written
+        are overwritten or masked later."""
+        zeros = _ZeroWeights(self.store.manifest)
+        store, prefetcher = self.store, self.prefetcher
+        self.store, self.prefetcher = zeros, zeros
+        units = [g["weight_keys"] for g in self.groups if g["kind"] != "embed" and g["weight_keys"]]
+        zeros.units = units
+        try:
+            self.run_pass([0] * self.prefill_block, 0, 1)
+            self.step(0, 1)
+        finally:
+            self.store, self.prefetcher = store, prefetcher
+            self.cache.bytes_read = self.cache.bytes_written = 0
+            self.kv_wait_s = 0.0
+
     # ---- the session protocol ---------------------------------------------------------------
 
     def prefill(self, prompt_ids: Sequence[int]) -> np.ndarray:
@@ -290,3 +309,35 @@ class StagedRunner:
         self.cache.close()
         self.store.close()
 
+
+
+class _ZeroWeights:
+    """Stands in for the store and the prefetcher during `StagedRunner.dry_run`: zeros of every
+    shape (one buffer per shape), handed out in the plan's unit order."""
+
+    def __init__(self, manifest):
+        self.manifest = manifest
+        self.units: list = []
+        self._position = 0
+        self._zeros: dict[tuple, np.ndarray] = {}
+
+    def _zero(self, shape, dtype) -> np.ndarray:
+        key = (tuple(shape), np.dtype(dtype).str)
+        if key not in self._zeros:
+            array = aligned_empty(shape, dtype)
+            array.fill(0)
+            self._zeros[key] = array
+        return self._zeros[key]
+
+    def read_rows(self, key: str, rows) -> np.ndarray:
+        info = self.manifest.arrays[key]
+        return self._zero((len(rows),) + tuple(info.shape[1:]), info.dtype)
+
+    def next(self) -> dict:
+        unit = self.units[self._position]
+        self._position = (self._position + 1) % len(self.units)
+        arrays = self.manifest.arrays
+        return {k: self._zero(arrays[k].shape, arrays[k].dtype) for k in unit}
+
+    def release(self, arrays) -> None:
+        pass
