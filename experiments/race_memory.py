@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""The equal-memory race: stagejax configurations and llama.cpp decode the same prompt under
-the same whole-process memory caps.
+"""The equal-memory race: stagejax configurations (the JAX path and the device runtime's
+bundles) and llama.cpp decode the same prompt under the same whole-process memory caps.
 
     python experiments/race_memory.py                       # defaults below, 3 rounds
     python experiments/race_memory.py --caps 512,256 --rounds 1 \\
         --stagejax "atomic-q4=schedule=atomic quant=gguf_native cache=disk" --no-llama-cpp
+    python experiments/race_memory.py --device "device atomic Q4_1=outputs/bundles/smollm2-q4"
     python experiments/race_memory.py --reuse               # re-table the runs in --out
 
 Every run is a fresh process started inside a cgroup capped from exec
@@ -65,20 +66,26 @@ WEIGHT_FORMATS = {"none": "float32 (dequantized Q4_1)", "gguf_native": "Q4_1 blo
 @dataclasses.dataclass
 class Contestant:
     name: str
-    kind: str  # "stagejax" | "llama.cpp"
-    overrides: list[str]  # stagejax: hydra overrides
+    kind: str  # "stagejax" | "device" | "llama.cpp"
+    overrides: list[str]  # stagejax: hydra overrides; device: the bundle, then runtime options
 
     @property
     def weight_format(self) -> str:
         if self.kind == "llama.cpp":
             return "Q4_1 (GGUF, mmap)"
-        quant = next((o.split("=", 1)[1] for o in self.overrides if o.startswith("quant=")), "none")
+        if self.kind == "device":
+            quant = json.loads((REPO / self.overrides[0] / "plan.json").read_text())["quant"]
+        else:
+            quant = next((o.split("=", 1)[1] for o in self.overrides if o.startswith("quant=")), "none")
         return WEIGHT_FORMATS.get(quant, quant)
 
     def command(self, python: str, run_dir: Path, prompt: str, new_tokens: int) -> list[str]:
         if self.kind == "llama.cpp":
             return [python, str(REPO / "experiments" / "peers" / "llama_cpp_run.py"), "--out", str(run_dir),
                     "--prompt", prompt, "--max-new-tokens", str(new_tokens)]
+        if self.kind == "device":
+            return [str(Path(python).with_name("stagejax-device")), *self.overrides, "--prompt", prompt,
+                    "--max-new-tokens", str(new_tokens), "--out", str(run_dir)]
         return [python, "-m", "stagejax.run", *self.overrides, f"decode.prompt={prompt!r}",
                 f"decode.max_new_tokens={new_tokens}", "decode.temperature=0", "eval.ppl_chunks=0",
                 "tracking.mode=disabled", "tracking.artifacts=false", f"hydra.run.dir={run_dir}"]
@@ -87,17 +94,30 @@ class Contestant:
         if self.kind == "llama.cpp":
             return [python, str(REPO / "experiments" / "peers" / "llama_cpp_run.py"), "--out", str(run_dir),
                     "--ppl-chunks", str(chunks)]
+        if self.kind == "device":
+            from stagejax.data import default_data_dir
+
+            return [str(Path(python).with_name("stagejax-device")), *self.overrides, "--ppl-chunks", str(chunks),
+                    "--text", str(default_data_dir() / "wikitext-2" / "wiki.test.raw"), "--out", str(run_dir)]
         keep = [o for o in self.overrides if o.split("=", 1)[0] in ("quant", "model", "model.path")]
         return [python, "-m", "stagejax.run", *keep, "schedule=model", "decode.max_new_tokens=1",
                 f"eval.ppl_chunks={chunks}", "eval.n_ctx=512", "tracking.mode=disabled",
                 "tracking.artifacts=false", f"hydra.run.dir={run_dir}"]
 
 
-def parse_stagejax(spec: str) -> Contestant:
-    name, sep, overrides = spec.partition("=")
-    if not sep or not overrides.strip():
-        raise SystemExit(f"--stagejax {spec!r}: write it as 'NAME=override override ...'")
-    return Contestant(name.strip(), "stagejax", shlex.split(overrides))
+def parse_contestant(spec: str, kind: str) -> Contestant:
+    name, sep, arguments = spec.partition("=")
+    if not sep or not arguments.strip():
+        what = "override override ..." if kind == "stagejax" else "BUNDLE [runtime options]"
+        raise SystemExit(f"--{kind} {spec!r}: write it as 'NAME={what}'")
+    arguments = shlex.split(arguments)
+    if kind == "device":
+        bundle = Path(arguments[0]).resolve()
+        if not (bundle / "plan.json").is_file():
+            raise SystemExit(f"--device {spec!r}: {arguments[0]} is not a bundle (python -m stagejax.export)")
+        # runs start in the repository: a bundle inside it is named relative to it (no machine paths)
+        arguments[0] = str(bundle.relative_to(REPO)) if bundle.is_relative_to(REPO) else str(bundle)
+    return Contestant(name.strip(), kind, arguments)
 
 
 def slug(text: str) -> str:
@@ -285,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--caps", default=",".join(map(str, DEFAULT_CAPS_MIB)), help="MiB, comma-separated")
     parser.add_argument("--stagejax", action="append", metavar="NAME=OVERRIDES",
                         help=f"a stagejax contestant (repeatable); default: {'; '.join(DEFAULT_STAGEJAX)}")
+    parser.add_argument("--device", action="append", metavar="NAME=BUNDLE [OPTIONS]",
+                        help="a stagejax-device contestant: an exported bundle (repeatable)")
     parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompt", default="The capital of France is")
@@ -299,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default=sys.executable)
     args = parser.parse_args(argv)
     caps = sorted({int(c) for c in args.caps.split(",")}, reverse=True)
-    contestants = [parse_stagejax(s) for s in (args.stagejax or DEFAULT_STAGEJAX)]
+    contestants = ([parse_contestant(s, "stagejax") for s in (args.stagejax or DEFAULT_STAGEJAX)]
+                   + [parse_contestant(s, "device") for s in (args.device or [])])
     if not args.no_llama_cpp:
         if importlib.util.find_spec("llama_cpp") is None:
             raise SystemExit("llama-cpp-python is not installed: pip install -e '.[peers]' (compiles "

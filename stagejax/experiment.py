@@ -376,6 +376,7 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
         "prompt_tokens": len(ids),
         "generated_tokens": len(generation.new_ids),
         "generated_text": generation.text,
+        "generated_ids": [int(t) for t in generation.new_ids],
         "timeline_peak_rss_above_baseline_bytes": max(r["peak_rss_bytes"] for r in timeline["groups"]) - baseline_rss,
         "checkpoint": str(checkpoint),
         "weight_bytes": store.manifest.nbytes,

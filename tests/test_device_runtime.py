@@ -46,7 +46,7 @@ def tiny_q4_gguf(tmp_path_factory):
 
 
 def staged_decoder(handle, cache_dir, quant, policy, kv_layout, ffn_chunks=2, vocab_chunk=64,
-                   budget_mb=None, warm_up=True):
+                   budget_mb=None, warm_up=True, context=CONTEXT, prefill_block=PREFILL_BLOCK):
     """The JAX staged decoder of a plan: a fixed policy, or a budget policy planned by the main
     job's planner (with a fixed test device)."""
     path = convert_checkpoint(handle, cache_dir, ffn_chunks, vocab_chunk, quant, progress=False)
@@ -57,12 +57,12 @@ def staged_decoder(handle, cache_dir, quant, policy, kv_layout, ffn_chunks=2, vo
     if budget_mb is not None:
         settings = RunSettings(schedule=ScheduleSettings(policy=policy, budget_mb=budget_mb,
                                                          kv_block=kv_layout.block_tokens,
-                                                         prefill_block=PREFILL_BLOCK))
-        context = plan_context(settings, handle.config, layout, store, kv_layout, CONTEXT, DEVICE)
-        groups = make_plan(build_stages(handle.config, layout, manifest.arrays), policy, context,
+                                                         prefill_block=prefill_block))
+        plan_inputs = plan_context(settings, handle.config, layout, store, kv_layout, context, DEVICE)
+        groups = make_plan(build_stages(handle.config, layout, manifest.arrays), policy, plan_inputs,
                            int(budget_mb * 2**20)).groups
-    decoder = StagedDecoder(handle.config, store, layout, policy, kv_layout, capacity=CONTEXT,
-                            prefill_block=PREFILL_BLOCK, prefetch_depth=2, groups=groups,
+    decoder = StagedDecoder(handle.config, store, layout, policy, kv_layout, capacity=context,
+                            prefill_block=prefill_block, prefetch_depth=2, groups=groups,
                             kv_block=kv_layout.block_tokens, warm_up=warm_up)
     return decoder
 
@@ -212,3 +212,39 @@ def test_runtime_installs_and_runs_without_jax(tiny_bundle, tmp_path):
     finally:
         runner.close()
     assert metrics["generated_ids"] == tokens
+
+
+SMOLLM2_CASES = [(quant, policy, budget_mb, kv)
+                 for quant in ("none", "int8", "gguf_native")
+                 for policy, budget_mb, kv in (("atomic", None, KVLayout("ram", "head_major", 64)),
+                                               ("budget", 16, KVLayout("disk", "head_major", 64)))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant, policy, budget_mb, kv_layout", SMOLLM2_CASES,
+                         ids=[f"{q}-{p}-{kv.location}" for q, p, _, kv in SMOLLM2_CASES])
+def test_smollm2_runtime_equals_jax_staged_decoder(quant, policy, budget_mb, kv_layout, tmp_path):
+    """SmolLM2: logits within 5e-4, the README prompt's 32 greedy tokens identical, perplexity
+    (2 chunks of 512 tokens of wiki.test.raw read as bytes) equal to 1e-4 relative."""
+    from stagejax.data import read_text
+
+    handle = open_model("smollm2_135m")
+    decoder = staged_decoder(handle, None, quant, policy, kv_layout, 8, 512, budget_mb=budget_mb,
+                             context=512, prefill_block=64)
+    try:
+        bundle_dir = write_bundle(decoder, tmp_path / "bundle", model_name="smollm2_135m", quant=quant)
+        runner = StagedRunner(Bundle.open(bundle_dir), driver="local-sync")
+        try:
+            prompt = handle.tokenizer.encode("The capital of France is")
+            jax_tokens, jax_logits = greedy(decoder, prompt, 32)
+            dev_tokens, dev_logits = greedy(runner, prompt, 32)
+            assert max(np.abs(a - b).max() for a, b in zip(jax_logits, dev_logits)) <= 5e-4
+            assert dev_tokens == jax_tokens
+            text = handle.tokenizer.encode(read_text("wikitext-2/wiki.test.raw"))
+            ppl_jax = perplexity_llama_cpp(lambda w: decoder.token_nll(w[0])[None], text, 512, 2, progress=False).ppl
+            ppl_dev = perplexity_llama_cpp(lambda w: runner.token_nll(w[0])[None], text, 512, 2, progress=False).ppl
+            assert abs(ppl_dev / ppl_jax - 1) <= 1e-4, (ppl_dev, ppl_jax)
+        finally:
+            runner.close()
+    finally:
+        decoder.close()

@@ -151,3 +151,27 @@ def test_byte_level_bpe_merges_specials_and_respelling():
     assert backend.token_to_id("Ã©Ġraw") == ids["é raw"]
     with pytest.raises(ValueError, match="merge #0"):
         byte_level_bpe(tokens, ["a b c"], types)
+
+
+def test_device_tokenizer_equals_tokenizers(tok, tmp_path):
+    """The device runtime's compact tokenizer (stagejax_device.tokenizer) gives `tokenizers`' ids
+    on all of wiki.test.raw read as bytes (CRLF kept, as every perplexity here reads it) and on
+    a chat-templated prompt, and decodes them back."""
+    from stagejax_device.tokenizer import Tokenizer as DeviceTokenizer
+    from stagejax_device.tokenizer import compile_tokenizer
+
+    source = tmp_path / "tokenizer.json"
+    source.write_text(tok.backend.to_str())
+    compact = compile_tokenizer(source, tmp_path / "tokenizer.npz", tok.bos_token_id, tok.eos_token_id,
+                                tok.add_bos)
+    assert compact.stat().st_size < 2 * 2**20  # compact: flat arrays, no JSON
+    device = DeviceTokenizer(compact)
+    text = (data_dir() / "wikitext-2" / "wiki.test.raw").read_bytes().decode("utf-8")
+    ids = device.encode(text)
+    assert ids == tok.encode(text)
+    assert len(ids) == 304_839  # the bytes convention's token count (MACHINE_NOTES)
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is gravity? 42 ½ — ok"}])
+    assert device.encode(chat) == tok.encode(chat)
+    assert device.encode(chat)[0] == 1  # <|im_start|> recognised as the special token
+    assert device.decode(ids[:200]) == tok.decode(ids[:200])
+    assert (device.bos_token_id, device.eos_token_id, device.add_bos) == (1, 2, False)

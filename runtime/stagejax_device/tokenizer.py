@@ -82,7 +82,7 @@ def compile_tokenizer(tokenizer_json: str | Path, out: str | Path, bos_token_id=
         blobs[token_id] = bytes(decode_byte[c] for c in token)
     for token_id, content in specials.items():
         blobs[token_id] = content.encode("utf-8")
-    offsets = np.zeros(n + 1, np.int64)
+    offsets = np.zeros(n + 1, np.int32)
     offsets[1:] = np.cumsum([len(b) for b in blobs])
     merges = model["merges"]
     pairs = [m.split(" ") if isinstance(m, str) else m for m in merges]
