@@ -22,7 +22,7 @@ paper's own numbers are inputs, labelled "stated by the paper", beside them with
 
 Writes report.md (all tables, the algebra where the paper's numbers and formulas disagree),
 claims.csv, table4.csv, theorems.json, fronts.csv, moe_share.csv, fig8.csv, law_table6.json,
-fig5_{paper,full}.png and fig7_{paper,full}.png into --out.
+fit_synthetic_table6.json, fig5_{paper,full}.png and fig7_{paper,full}.png into --out.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from scipy import optimize
 
 from stagejax import codesign
 from stagejax import codesign_theory as theory
-from stagejax.architecture_law import PAPER_TABLE6, SYMBOLS
+from stagejax.architecture_law import PAPER_TABLE6, SYMBOLS, fit_architecture_law
 from stagejax.devices import load_device
 from stagejax.moe_accounting import (ACCOUNTINGS, FP16, INT8, MoEArchitecture, layer_coefficients,
                                      model_params)
@@ -59,6 +59,7 @@ KINDS = ("prefill", "decode", "total")
 PROMPT_TOKENS, NEW_TOKENS = 1024, 16  # the paper's workload W = (B = 1, S_in = 1024, S_out = 16)
 LAW = PAPER_TABLE6
 GB = 1e9
+SCATTER_POINTS = 3000  # designs drawn per precision in the Fig. 5 clouds (keeps the PNGs small)
 
 # Qwen2.5-0.5B's public config (config.json of Qwen/Qwen2.5-0.5B): 24 layers, hidden 896,
 # intermediate 4864, 14 query / 2 KV heads of 64, vocab 151,936, tied embeddings.
@@ -332,6 +333,32 @@ def worked_example(gqa=4.0) -> dict:
     return out
 
 
+def refit_table6(space, seed: int = 0, n_bootstrap: int = 40) -> tuple[dict, dict]:
+    """Could the paper's data have determined Table 6? 170 designs drawn from Table 5 × the r
+    grid, losses from Table 6 plus Gaussian noise sized so that Table 6 itself would score the
+    paper's R² = 0.975 on them, split 138 / 32 like Fig. 4, refitted with
+    `fit_architecture_law` from several starts."""
+    rng = np.random.default_rng(seed)
+    picked = [space[i] for i in rng.choice(len(space), STATED["n_architectures"], replace=False)]
+    clean = np.array([codesign.law_loss(a, LAW) for a in picked])
+    noise_sd = math.sqrt(clean.var() * (1 - STATED["r2_train"]) / STATED["r2_train"])
+    table = {"depth": [a.depth for a in picked], "width": [a.width for a in picked],
+             "ffn_ratio": [a.ffn_ratio for a in picked],
+             "expert_ratio": [a.expert_ratio for a in picked],
+             "kv_width": [a.kv_width for a in picked], "tokens": [10e9] * len(picked),
+             "loss": list(clean + rng.normal(0, noise_sd, clean.size)), "seed": [0] * len(picked)}
+    fit = fit_architecture_law(table, holdout=np.arange(STATED["split_fig4"][0], len(picked)),
+                               n_starts=8, n_bootstrap=n_bootstrap, seed=seed)
+    summary = {"noise_sd_nats": noise_sd, "r2_train": fit.r2_train, "r2_holdout": fit.r2_holdout,
+               "rows": [{"parameter": f"{SYMBOLS[n]} ({n})", "Table 6 (stated by the paper)": getattr(LAW, n),
+                         "refit": getattr(fit.law, n), "95% low": fit.intervals[n][0],
+                         "95% high": fit.intervals[n][1],
+                         "covers Table 6": fit.intervals[n][0] <= getattr(LAW, n) <= fit.intervals[n][1],
+                         "interval / value": (fit.intervals[n][1] - fit.intervals[n][0]) / abs(getattr(LAW, n))}
+                        for n in fit.free]}
+    return summary, fit.to_dict()
+
+
 # ---- 4. the fronts ------------------------------------------------------------------------------
 
 
@@ -371,11 +398,18 @@ def front_summary(results) -> tuple[list[dict], list[dict]]:
                 "mean_experts": float(np.mean([a.n_experts for a in archs])),
                 "median_depth": float(np.median([a.depth for a in archs])),
                 "median_width": float(np.median([a.width for a in archs])),
+                "width_saturates_first": _first_at(archs, "width", max(codesign.TABLE5_WIDTHS))
+                < _first_at(archs, "depth", max(codesign.TABLE5_DEPTHS)),
             })
             for rank, point in enumerate(front):
                 front_rows.append({"device": device, "latency": kind, "rank": rank,
                                    **codesign.moe_design_row(point)})
     return share_rows, front_rows
+
+
+def _first_at(archs, attribute: str, bound) -> float:
+    """Rank along a front (by latency) of the first design whose `attribute` is at `bound`."""
+    return next((i for i, a in enumerate(archs) if getattr(a, attribute) == bound), math.inf)
 
 
 def int8_speedup(results) -> list[dict]:
@@ -428,6 +462,9 @@ def plot_fronts(results, accounting: str, path: Path) -> None:
             for precision in ("fp16", "int8"):
                 result = results[device, precision, accounting]
                 pts = result["points"]
+                if len(pts) > SCATTER_POINTS:  # the cloud only: fronts use every point
+                    keep = np.random.default_rng(0).choice(len(pts), SCATTER_POINTS, replace=False)
+                    pts = [pts[i] for i in sorted(keep)]
                 ax.scatter([p.latency(kind) * 1e3 for p in pts], [p.loss for p in pts], s=2,
                            color=colours[precision], alpha=0.08, rasterized=True)
                 front = result["fronts"][kind]
@@ -485,7 +522,7 @@ def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
 
@@ -526,7 +563,7 @@ def fig8(results, devices, quant) -> list[dict]:
 
 
 def claims(memory, latency_only, dual, regimes, example, shares, speedups, overlap, fig8_rows,
-           n_space, n_space_one_r, table4_rows) -> list[dict]:
+           n_space, n_space_one_r, n_r, table4_rows, refit) -> list[dict]:
     s = STATED
     eq9_1024 = theory.rho_star_memory(LAW, 1024)
     eq9_2048 = theory.rho_star_memory(LAW, 2048)
@@ -603,28 +640,33 @@ def claims(memory, latency_only, dual, regimes, example, shares, speedups, overl
     add("worked example: M̄_d = 0.1 × 50 / 10 = 0.5 GB", "0.5 GB",
         f"M̄_d = T·β/S_out = {s1['Md'] / GB:g} GB (S_out = 1), {s16['Md'] / GB:g} GB (S_out = 16)",
         "0.1 s × 50 GB/s / 10 = 0.5 GB: the divisor 10 is the 10 TOPS figure (or an unstated "
-        "S_out = 10)", "disagrees: 10x the stated S_out = 1 value")
+        "S_out = 10)", f"disagrees: the formula gives {s1['Md'] / ex['Md_stated']:g}x the stated value "
+        "at S_out = 1")
     add("worked example: η = 0.125", "0.125",
         f"η = M̄_d / 4 GB = {s1['eta']:g} (S_out = 1), {s16['eta']:g} (S_out = 16); 0.5/4 = 0.125",
-        "—", "follows from the stated M̄_d; disagrees with the formula's M̄_d (S_out = 1: 10x)")
+        "—", f"follows from the stated M̄_d; the formula's M̄_d gives {s1['eta'] / ex['eta_stated']:g}x "
+        "(S_out = 1)")
     opt_stated = ex["optima"]["stated M̄_d = 0.5 GB"]
     opt_s1 = ex["optima"]["formula, S_out = 1"]
     add("worked example: memory-constrained", "memory-constrained",
         "by the rule above, η = 0.125 ≪ 1 → memory",
         f"law's optimum at the stated η = 0.125: {opt_stated['active']} active (dual); at the "
         f"formula's η = {opt_s1['eta']:g}: {opt_s1['active']}",
-        "disagrees at the stated η (both constraints bind); agrees at the formula's η = 1.25")
+        f"disagrees at the stated η ({opt_stated['active']} bind); "
+        f"{'agrees' if opt_s1['active'] == 'memory' else 'disagrees'} at the formula's η = {opt_s1['eta']:g}")
     add("worked example: Theorem 5.2 at d = 1024 gives ρ* ≈ 0.20; trains K = 2, E = 10", "ρ* ≈ 0.20",
         f"Eq. 9 at d = 1024: {ex['rho_eq9_d1024']:.4f}",
         f"law's optimum: {opt_stated['rho']:.4f} at η = 0.125 (dual: corrected Eq. 11 "
         f"{opt_stated['rho_eq11_corrected']:.4f}, printed {opt_stated['rho_eq11_printed']:.4f}); "
         f"{opt_s1['rho']:.4f} at η = {opt_s1['eta']:g} (memory: = Eq. 9)",
-        "disagrees: 0.20 is neither Eq. 9 (0.395) nor the dual optimum (0.095)")
+        f"disagrees: 0.20 is neither Eq. 9 ({ex['rho_eq9_d1024']:.3f}) nor the law's optimum at the "
+        f"stated η ({opt_stated['rho']:.3f})")
     add("the trained example fits its budgets (20 layers, d = 1024, ρ = 0.2; r, gqa unstated)",
         "trained and evaluated",
         f"FP16, gqa = 4: memory allows r ≤ {ex['trained']['r_max_memory']:.2f}; the stated "
         f"M̄_d = 0.5 GB allows r ≤ {ex['trained']['r_max_decode_stated_Md']:.2f}", "—",
-        "consistent for r ≤ 2.4 (not checkable further: r unstated)")
+        f"consistent for r ≤ {min(ex['trained']['r_max_memory'], ex['trained']['r_max_decode_stated_Md']):.2f} "
+        "(not checkable further: r unstated)")
     # Search findings (Fig. 5, 7).
     def share_text(key, accounting):
         sel = [r for r in shares if r["accounting"] == accounting]
@@ -640,16 +682,21 @@ def claims(memory, latency_only, dual, regimes, example, shares, speedups, overl
         add(f"depth mostly < 20 ({accounting})", "mostly < 20", "—",
             f"share with l < 20: {share_text('depth_below_20_share', accounting)}",
             "agrees" if min(r["depth_below_20_share"] for r in sel) > 0.5 else "partly")
+        width_first = sum(r["width_saturates_first"] for r in sel)
         add(f"width saturates the search bound first ({accounting})", "d → 3072 first", "—",
-            f"share at d = 3072: {share_text('width_at_max_share', accounting)}; median width "
-            f"{min(r['median_width'] for r in sel):g}–{max(r['median_width'] for r in sel):g}",
-            "see fig7 (wide designs at low loss)")
+            f"fronts on which d reaches 3072 at a lower latency than l reaches 32: {width_first} of "
+            f"{len(sel)}; share of front designs at d = 3072: {share_text('width_at_max_share', accounting)}",
+            "agrees" if width_first == len(sel) else ("partly" if width_first else "disagrees"))
         by_kind = {k: [r["mean_experts"] for r in sel if r["latency"] == k] for k in KINDS}
+        ordered = max(by_kind["prefill"]) < min(by_kind["total"]) <= max(by_kind["total"]) < min(by_kind["decode"])
+        why = ("" if accounting == "full" else
+               "; in the paper's accounting prefill reads only the active experts, so E costs "
+               "prefill nothing and cannot make prefill fronts prefer fewer experts")
         add(f"experts: prefill fronts fewer, decode as many as possible, total ≈ 8 ({accounting})",
             "prefill < total ≈ 8 < decode", "—",
             "mean E on the fronts: " + "; ".join(
                 f"{k} {min(v):.1f}–{max(v):.1f}" for k, v in by_kind.items()),
-            "agrees" if max(by_kind["prefill"]) < min(by_kind["decode"]) else "partly")
+            ("agrees in order" if ordered else "disagrees") + why)
         add(f"top-1 routing ({accounting})", "K = 1", "—",
             f"K = 1 among MoE front designs: {share_text('top1_share_of_moe', accounting)}",
             "agrees" if min(r["top1_share_of_moe"] for r in sel) >= 0.9 else "partly")
@@ -662,7 +709,8 @@ def claims(memory, latency_only, dual, regimes, example, shares, speedups, overl
             "median speedup of INT8 over FP16 at equal loss: " + "; ".join(
                 f"{r['device'].replace('jetson_', '')} {r['latency']} {r['median_speedup']:.2f}x"
                 for r in sp),
-            "agrees" if all(r["median_speedup"] < 2 for r in sp) else "partly")
+            "agrees, barely: close to the ideal 2x" if all(1.8 <= r["median_speedup"] < 2 for r in sp)
+            else ("agrees" if all(r["median_speedup"] < 1.8 for r in sp) else "partly"))
         ov = [r for r in overlap if r["accounting"] == accounting]
         add(f"no universal optimum ({accounting})", "fronts differ by hardware", "—",
             f"AGX Orin and Orin Nano fronts share {min(r['jaccard'] for r in ov):.0%}–"
@@ -675,16 +723,22 @@ def claims(memory, latency_only, dual, regimes, example, shares, speedups, overl
         "law-predicted PPL change of the best design at Qwen's FP16 total latency: "
         + "; ".join(f"{r['device'].replace('jetson_', '')} {r['accounting']} {r['predicted_ppl_change']:+.1%}"
                     for r in paper_f8 + full_f8 if r["predicted_ppl_change"] is not None),
-        "arithmetic agrees; the law predicts a gain of the same sign (the paper's design and "
-        "latency are not stated)")
+        f"arithmetic agrees; the law predicts a gain of the same sign, "
+        f"{'larger' if all(r['predicted_ppl_change'] < -0.1942 for r in paper_f8 + full_f8 if r['predicted_ppl_change'] is not None) else 'of mixed size'} "
+        "than measured (the paper's design and latency are not stated)")
     add("fit split: 120 / 17 (text) vs 138 / 32 (Fig. 4) of 170 architectures", "170",
         f"120 + 17 = {120 + 17}; 138 + 32 = {138 + 32}", "—",
         "disagrees: the text's split covers 137 of 170")
     add("R² 0.975 (train) / 0.952 (held out)", "0.975 / 0.952", "—",
         "not checkable: the 170 runs are not published", "not checkable")
+    loose = [r["parameter"] for r in refit["rows"] if r["interval / value"] > 1]
+    add("Table 6 coefficients (2–3 significant figures) determined by 170 runs", "Table 6",
+        "—", f"refit of synthetic data at R² = 0.975 (report): 95% intervals wider than the value "
+        f"itself for {', '.join(loose)}", "not determined at the stated fit quality for those terms "
+        "(a simulation: the paper's residuals are not published)")
     add("1,942 candidates from Table 5", "1,942",
         f"8 l × 9 d × 5 (E, K) × 5 n_kv = {8 * 9 * 5 * 5:,} before divisibility, no r grid",
-        f"valid with d_h = 64: {n_space_one_r:,} per r; × {len(codesign.R_GRID)} r values = {n_space:,}",
+        f"valid with d_h = 64: {n_space_one_r:,} per r; × {n_r} r values = {n_space:,}",
         "not reproducible: d_h (n_h) and the r grid are not stated")
     return rows
 
@@ -692,7 +746,8 @@ def claims(memory, latency_only, dual, regimes, example, shares, speedups, overl
 # ---- the report ---------------------------------------------------------------------------------
 
 
-def algebra_section(example) -> str:
+def algebra_section(example, memory) -> str:
+    eq9_agreement = max(abs(r["rel_diff"]) for r in memory["rows"] if r["at_bounds"] == "—")
     s_bar = theory.mean_context(PROMPT_TOKENS, NEW_TOKENS)
     delta = theory.kv_delta(s_bar, 4, 1024, 2, 2)
     opt = example["optima"]["stated M̄_d = 0.5 GB"]
@@ -736,8 +791,8 @@ follows from that value.
 At fixed l, d and gqa the memory constraint fixes r/ρ = (M/(l·d²·b_w) − α_attn)/3 =: x. With
 r = x·ρ the law's ρ-dependent part is x^−α_r·[κ_ρ·ρ^(α_ρ−α_r)·d^−β1 + κ_d·ρ^−α_r·d^−β2];
 setting its derivative to zero gives ρ^α_ρ = α_r·κ_d·d^(β1−β2)/((α_ρ−α_r)·κ_ρ), Eq. 9, for every
-x — so also at the optimum over l and r, as the numerical minimum confirms to 1e-7 where r is
-not at its bound. Depth is different: l* = M/(ξ_W^all·d²·b_w) is ∝ d^−2 only if ξ_W^all = α_attn + 3r/ρ
+x — so also at the optimum over l and r, as the numerical minimum confirms (largest relative
+difference {eq9_agreement:.1e} over the widths where r is not at its bound). Depth is different: l* = M/(ξ_W^all·d²·b_w) is ∝ d^−2 only if ξ_W^all = α_attn + 3r/ρ
 stays fixed, but the optimum moves r/ρ with d, so the law's own optimum l* is nearly flat in d.
 """
 
@@ -767,6 +822,8 @@ def main(argv=None) -> int:
     print(f"search over Table 5 x r grid {r_grid} ...", flush=True)
     space = codesign.table5_space(r_grid)
     n_space_one_r = len(codesign.table5_space((1.0,)))
+    print("refitting Table 6 from synthetic points ...", flush=True)
+    refit, refit_json = refit_table6(space)
     search_started = time.perf_counter()
     results = run_search(space, devices, quant)
     search_s = time.perf_counter() - search_started
@@ -775,7 +832,7 @@ def main(argv=None) -> int:
     overlap = front_overlap(results)
     fig8_rows = fig8(results, devices, quant)
     claim_rows = claims(memory, latency_only, dual, regimes, example, shares, speedups, overlap,
-                        fig8_rows, len(space), n_space_one_r, t4_rows)
+                        fig8_rows, len(space), n_space_one_r, len(r_grid), t4_rows, refit)
     for accounting in ACCOUNTINGS:
         plot_fronts(results, accounting, args.out / f"fig5_{accounting}.png")
         plot_architecture(results, accounting, args.out / f"fig7_{accounting}.png")
@@ -801,13 +858,25 @@ def main(argv=None) -> int:
         "",
         markdown_table(claim_rows),
         "",
-        algebra_section(example),
+        algebra_section(example, memory),
         "## The loss law (Eq. 2) and its Table 6 preset",
         "",
         "L = κ_l/l^α_l + κ_ρ·ρ^α_ρ/(r^α_r·d^β1) + κ_d/(r^α_r·d^β2) + κ_m/d_m^α_m + L_∞ "
         "(`stagejax.architecture_law.PAPER_TABLE6`; `law_table6.json`).",
         "",
         markdown_table(law_rows),
+        "",
+        "### Could 170 architectures determine Table 6? (the fitter on the paper's setting)",
+        "",
+        f"`stagejax.architecture_law.fit_architecture_law` on 170 designs drawn from the search "
+        f"space below, losses = Table 6 + Gaussian noise of {refit['noise_sd_nats']:.4f} nats (the "
+        f"noise at which Table 6 itself scores the paper's R² = 0.975), 138 fitted / 32 held out "
+        f"(Fig. 4's split), 8 starts, 40 architecture bootstraps: R² {refit['r2_train']:.3f} fitted, "
+        f"{refit['r2_holdout']:.3f} held out (stated by the paper: 0.975 / 0.952). The full fit, "
+        "residuals included, is `fit_synthetic_table6.json` (the fitter's JSON output).",
+        "",
+        markdown_table([{k: (round(v, 4) if isinstance(v, float) else (str(v) if isinstance(v, bool) else v))
+                         for k, v in r.items()} for r in refit["rows"]]),
         "",
         "## Quantization in the loss",
         "",
@@ -862,6 +931,9 @@ def main(argv=None) -> int:
                         for r in dual["decode"]]),
         "",
         "### Which constraint binds as η = M̄_d/M_budget varies (d = 1024, 4 GB)",
+        "",
+        "`paper_rule` reads the stated rule with ≪ 1 as η < 0.3 and ≫ 1 as η > 3; "
+        "`active_at_optimum` is what binds at the law's numerical optimum under both budgets.",
         "",
         markdown_table([{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()}
                         for r in regimes]),
@@ -918,6 +990,7 @@ def main(argv=None) -> int:
     atomic_write_text(args.out / "moe_share.csv", csv_text(shares))
     atomic_write_text(args.out / "fig8.csv", csv_text(fig8_rows))
     atomic_write_json(args.out / "law_table6.json", LAW.to_dict())
+    atomic_write_json(args.out / "fit_synthetic_table6.json", refit_json)
     atomic_write_json(args.out / "theorems.json", json.loads(json.dumps({
         "memory": memory, "latency_only": latency_only, "dual": dual, "regimes": regimes,
         "worked_example": example, "run_time_s": round(elapsed, 1)}, default=float)))
