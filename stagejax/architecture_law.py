@@ -281,7 +281,7 @@ def _fit_once(theta0, free, fixed, cols, rows) -> tuple[np.ndarray, float]:
     return result.x, float(np.sum(result.fun ** 2))
 
 
-def _starts(free, fixed, start: ArchitectureLaw, n_starts: int, rng) -> list[np.ndarray]:
+def _starts(free, start: ArchitectureLaw, n_starts: int, rng) -> list[np.ndarray]:
     """The given start, then random perturbations of it: coefficients scaled by e^U(-2, 2),
     exponents shifted by U(-0.5, 0.5) and clipped to the bounds."""
     base = _law_to_vector(start, free)
@@ -372,7 +372,7 @@ def fit_architecture_law(table, *, fixed: Mapping[str, float] | None = None,
     if data_term and "kappa_D" in free and start_law.kappa_D == 0:
         start_law = dataclasses.replace(start_law, kappa_D=1e3, alpha_D=0.3)
     best_theta, best_ss = None, math.inf
-    starts = _starts(free, fixed, start_law, n_starts, rng)
+    starts = _starts(free, start_law, n_starts, rng)
     for theta0 in starts:
         theta, ss = _fit_once(theta0, free, fixed, cols, train)
         if ss < best_ss:

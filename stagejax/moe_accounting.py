@@ -242,8 +242,12 @@ def _paper_counts(arch: MoEArchitecture, tokens: int, attended) -> OperatorCount
         "down": (2 * t * r * d * d * ones, r * d * d * ones, 0 * ones),
     }
     names = tuple(rows)
-    stack = lambda i: l * np.stack([rows[n][i] for n in names])  # noqa: E731
-    return OperatorCounts(names, stack(0), stack(1), stack(2), np.zeros((len(names), a.size)))
+
+    def whole_model(field: int) -> np.ndarray:  # [n_ops, n_passes], all l layers
+        return l * np.stack([rows[n][field] for n in names])
+
+    return OperatorCounts(names, whole_model(0), whole_model(1), whole_model(2),
+                          np.zeros((len(names), a.size)))
 
 
 def _router_cost(arch: MoEArchitecture, tokens: int) -> Cost:
