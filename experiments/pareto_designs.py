@@ -3,7 +3,11 @@
 For each device profile, every architecture of `stagejax.codesign.architecture_grid` (depth,
 width, FFN ratio, kv heads, weight bits, MoE activation rate) is evaluated with the roofline
 (batch 1, a prompt of --prompt tokens, --new output tokens, weights resident) and the loss model
-(default: Chinchilla's published fit at N = total parameters, D = 20 N). The script prints and
+(default: Chinchilla's published fit at N = total parameters, D = 20 N) plus the weight
+format's measured cost: ln(perplexity ratio) of that format on SmolLM2-135M
+(`stagejax.quant_loss`, from experiments/results/quant_smollm2/summary.json: 4.5 bits = int4_g32,
+8 = int8, 16 = float16, the reference, by assumption); bit widths without a measured format are
+excluded from the grid (--ignore-quantization: no cost, the old behaviour). The script prints and
 writes the Pareto front (minimum latency and loss), the best design within --latency-budget-s
 and --memory-budget-mb, and, for every front design, the analytic stage grouping under a RAM
 budget of --ram-budget-mb (resident, streamed in units, or infeasible) with its latency.
@@ -28,6 +32,7 @@ from pathlib import Path
 from stagejax import codesign
 from stagejax.devices import load_device
 from stagejax.fitting import CHINCHILLA, load_loss_model
+from stagejax.quant_loss import SMOLLM2_QUANT_SUMMARY, load_quant_loss
 from stagejax_device.results import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pareto"
@@ -100,17 +105,34 @@ def main(argv=None) -> int:
     parser.add_argument("--cold", action="store_true",
                         help="streamed weights come from storage, not the page cache")
     parser.add_argument("--cache", type=Path, default=None, help="cache dir (this_machine calibration)")
+    parser.add_argument("--quant-results", type=Path, default=SMOLLM2_QUANT_SUMMARY,
+                        help="quantization benchmark summary.json: perplexity ratio per format")
+    parser.add_argument("--ignore-quantization", action="store_true",
+                        help="charge no loss for fewer weight bits (fewer bits then always win)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
     loss_model = load_loss_model(args.loss_model) if args.loss_model else CHINCHILLA
     workload = codesign.Workload(prompt_tokens=args.prompt, new_tokens=args.new, warm=not args.cold)
     grid = codesign.architecture_grid()
+    loss_penalty, quant_text = None, "no cost for the weight format (--ignore-quantization)"
+    if not args.ignore_quantization:
+        quant = load_quant_loss(args.quant_results)
+        bits = sorted({a.weight_bits for a in grid})
+        excluded = [b for b in bits if quant.format_for_bits(b) is None]
+        grid = [a for a in grid if a.weight_bits not in excluded]
+        loss_penalty = lambda arch: quant.loss_offset_for_bits(arch.weight_bits)  # noqa: E731
+        quant_text = ("weight format cost ln(PPL ratio on SmolLM2) from " + quant.source + ": "
+                      + ", ".join(f"{b:g} bits = {quant.format_for_bits(b)} +{quant.loss_offset_for_bits(b):.4f} nats"
+                                  + (" (assumed)" if quant.format_for_bits(b) in quant.assumed else "")
+                                  for b in bits if b not in excluded)
+                      + (f"; excluded (no measurement): {', '.join(f'{b:g} bits' for b in excluded)}"
+                         if excluded else ""))
     memory_budget, ram_budget = args.memory_budget_mb * 1e6, args.ram_budget_mb * 1e6
     header = (f"Workload: batch 1, {args.prompt} tokens in, {args.new} out; {len(grid)} "
               f"architectures (Llama family, vocab {grid[0].vocab}, head dim {grid[0].head_dim}); "
               f"loss model {loss_model} at N = {args.loss_params} parameters, D = "
-              f"{'%.3g' % args.training_tokens if args.training_tokens else '20 N'}; budgets: "
+              f"{'%.3g' % args.training_tokens if args.training_tokens else '20 N'}; {quant_text}; budgets: "
               f"latency {args.latency_budget_s:g} s, memory {args.memory_budget_mb:g} MB; staged "
               f"estimate under a RAM budget of {args.ram_budget_mb:g} MB (prefetch depth 2, "
               f"KV block 512, {'cold storage' if args.cold else 'warm page cache where the device RAM holds the weights'}).")
@@ -121,7 +143,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         points = codesign.search(grid, device, workload, loss_model=loss_model,
                                  training_tokens=args.training_tokens, loss_params=args.loss_params,
-                                 ram_budget_bytes=ram_budget)
+                                 ram_budget_bytes=ram_budget, loss_penalty=loss_penalty)
         front = codesign.pareto_front(points)
         best = codesign.best_under(front, args.latency_budget_s, memory_budget)
         best_staged = codesign.best_under(front, args.latency_budget_s, ram_budget, staged=True)

@@ -25,6 +25,11 @@ Conventions (stated, because the result depends on them):
     (Chinchilla-optimal) unless `training_tokens` is given.
   * Compute dtype: float32 for 32-bit weights, else `Workload.compute_dtype` (bfloat16): the
     weights are dequantised into it, so low-bit formats save bytes, not FLOPs.
+
+The co-design paper's own search (issue 28) lives at the end: its Table 5 space of dense and
+mixture-of-experts designs (`table5_space`, `MoEArchitecture` with E experts, K active), timed
+with either accounting of `stagejax.moe_accounting` and scored with its loss law
+(`stagejax.architecture_law`) plus the measured cost of the weight format (`stagejax.quant_loss`).
 """
 
 from __future__ import annotations
@@ -34,8 +39,12 @@ import itertools
 import math
 from typing import Callable, Iterable, Sequence
 
+from stagejax.architecture_law import PAPER_TABLE6, ArchitectureLaw
 from stagejax.fitting import CHINCHILLA, LossModel
 from stagejax.model_config import ModelConfig
+from stagejax.moe_accounting import (ACCOUNTINGS, GenerationCounts, MoEArchitecture, Precision,
+                                     generation_counts, memory_bytes as moe_memory_bytes)
+from stagejax.quant_loss import QuantLossTable
 from stagejax.roofline import Device, costs_over_kv, generation_time, predict_parts
 
 
@@ -423,3 +432,105 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# ---- the co-design paper's search space (arXiv 2602.10377 App. A, Table 5) -----------------------
+
+TABLE5_DEPTHS = tuple(range(4, 33, 4))
+TABLE5_WIDTHS = (768, 1024, 1280, 1536, 1792, 2048, 2304, 2560, 3072)
+TABLE5_EXPERTS = ((1, 1), (8, 1), (8, 2), (16, 1), (16, 2))  # (E, K)
+TABLE5_KV_HEADS = (1, 2, 4, 8, None)  # None: n_kv = n_h (no GQA)
+# Table 5 gives no FFN-ratio grid (its findings report r below 1 on the fronts): the active
+# ratio r = K·r_single is searched over this grid, from a quarter of d to 4 d.
+R_GRID = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
+# Not given by the paper either: d_h = 64 (Qwen2.5-0.5B's, the paper's Fig. 8 reference).
+TABLE5_HEAD_DIM = 64
+
+
+def table5_space(r_grid=R_GRID, *, head_dim: int = TABLE5_HEAD_DIM, depths=TABLE5_DEPTHS,
+                 widths=TABLE5_WIDTHS, experts=TABLE5_EXPERTS, kv_heads=TABLE5_KV_HEADS,
+                 **arch_kwargs) -> list[MoEArchitecture]:
+    """Every valid design of Table 5 × `r_grid`: n_h = d / d_h; n_kv values that do not divide
+    n_h are skipped (e.g. 8 kv heads at d = 768, 12 query heads), and n_kv = n_h only once."""
+    space = []
+    for depth, width, (n_experts, top_k), r in itertools.product(depths, widths, experts, r_grid):
+        n_heads = width // head_dim
+        for n_kv in sorted({n_heads if kv is None else kv for kv in kv_heads}):
+            if n_kv > n_heads or n_heads % n_kv:
+                continue
+            space.append(MoEArchitecture.from_paper(depth, width, r, n_experts, top_k, n_kv,
+                                                    head_dim, **arch_kwargs))
+    return space
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEDesignPoint:
+    """One evaluated design of the paper's space on one device, precision and accounting."""
+
+    arch: MoEArchitecture
+    precision: str
+    accounting: str
+    prefill_s: float
+    decode_s: float
+    total_s: float
+    loss: float  # the law's prediction plus the weight format's loss offset
+    memory_bytes: float
+
+    def latency(self, kind: str) -> float:
+        return {"prefill": self.prefill_s, "decode": self.decode_s, "total": self.total_s}[kind]
+
+
+def law_loss(arch: MoEArchitecture, law: ArchitectureLaw = PAPER_TABLE6) -> float:
+    """The paper's law at a design: L(l, d, r = K·r_single, ρ = K/E, d_m = n_kv·d_h)."""
+    return float(law(arch.depth, arch.width, arch.ffn_ratio, arch.expert_ratio, arch.kv_width))
+
+
+def search_moe(archs: Sequence[MoEArchitecture], device: Device, precision: Precision, *,
+               accounting: str = "paper", law: ArchitectureLaw = PAPER_TABLE6,
+               quant_loss: QuantLossTable | None = None, prompt_tokens: int = 1024,
+               new_tokens: int = 16, memory_budget_bytes: float | None = None,
+               counts: dict | None = None) -> list[MoEDesignPoint]:
+    """Evaluate designs of the paper's space: per-operator roofline latency under `accounting`,
+    the law's loss plus ln(perplexity ratio) of the precision's weight format (`quant_loss`;
+    None: no offset), and memory; designs whose memory exceeds `memory_budget_bytes` are left
+    out. `counts` caches `generation_counts` per (arch, accounting) across calls."""
+    if accounting not in ACCOUNTINGS:
+        raise ValueError(f"accounting must be one of {ACCOUNTINGS}, got {accounting!r}")
+    offset = quant_loss.loss_offset(precision.weight_format) if quant_loss is not None else 0.0
+    context = prompt_tokens + new_tokens
+    counts = {} if counts is None else counts
+    points = []
+    for arch in archs:
+        memory = moe_memory_bytes(arch, precision, accounting, context_tokens=context)
+        if memory_budget_bytes is not None and memory > memory_budget_bytes:
+            continue
+        key = (arch, accounting, prompt_tokens, new_tokens)
+        if key not in counts:
+            counts[key] = generation_counts(arch, accounting, prompt_tokens=prompt_tokens,
+                                            new_tokens=new_tokens)
+        generation: GenerationCounts = counts[key]
+        latency = generation.latency_s(device, precision)
+        points.append(MoEDesignPoint(arch, precision.name, accounting, latency["prefill_s"],
+                                     latency["decode_s"], latency["total_s"],
+                                     law_loss(arch, law) + offset, memory))
+    return points
+
+
+def moe_front(points: Sequence[MoEDesignPoint], kind: str = "total") -> list[MoEDesignPoint]:
+    """The Pareto front (Eq. 6) of loss against the `kind` latency: prefill, decode or total."""
+    if kind not in ("prefill", "decode", "total"):
+        raise ValueError(f"kind must be prefill, decode or total, got {kind!r}")
+    return pareto_front(points, key=lambda p: (p.latency(kind), p.loss))
+
+
+def moe_design_row(point: MoEDesignPoint) -> dict:
+    """A design as a flat row (units in the names)."""
+    arch = point.arch
+    return {"design": arch.label(), "precision": point.precision, "accounting": point.accounting,
+            "depth": arch.depth, "width": arch.width, "ffn_ratio": round(arch.ffn_ratio, 4),
+            "n_experts": arch.n_experts, "top_k": arch.top_k,
+            "expert_ratio": round(arch.expert_ratio, 4), "n_heads": arch.n_heads,
+            "n_kv_heads": arch.n_kv_heads, "moe": arch.is_moe,
+            "prefill_ms": round(point.prefill_s * 1e3, 3), "decode_ms": round(point.decode_s * 1e3, 3),
+            "total_ms": round(point.total_s * 1e3, 3), "loss": round(point.loss, 5),
+            "memory_mb": round(point.memory_bytes / 1e6, 1)}

@@ -122,3 +122,70 @@ def test_grid_and_search():
     search(grid[:2], device, WORKLOAD, ram_budget_bytes=1e6,
            grouping=lambda arch, dev, budget, wl: calls.append(budget) or staged_plan(arch, dev, budget, wl))
     assert calls == [1e6, 1e6]  # the grouping estimator is one swappable call site
+
+
+# ---- the co-design paper's space, search and quantization cost (issue 28) -----------------------
+
+from stagejax.architecture_law import PAPER_TABLE6  # noqa: E402
+from stagejax.moe_accounting import FP16, INT8, MoEArchitecture  # noqa: E402
+from stagejax.quant_loss import load_quant_loss  # noqa: E402
+
+
+def test_table5_space():
+    space = codesign.table5_space((1.0,))
+    # 8 depths x 5 (E, K) x valid (width, n_kv): n_kv = 8 does not divide n_h at d = 768, 1280,
+    # 1792, 2304 (12, 20, 28, 36 heads of 64): 9 x 5 - 4 = 41
+    assert len(space) == 8 * 5 * 41 == 1640
+    assert len(set(space)) == len(space)
+    assert all(a.n_heads % a.n_kv_heads == 0 and a.ffn_ratio == 1.0 for a in space)
+    assert {a.n_kv_heads for a in space if a.width == 768} == {1, 2, 4, 12}
+    assert {(a.n_experts, a.top_k) for a in space} == set(codesign.TABLE5_EXPERTS)
+
+
+def test_search_moe_memory_quantization_and_fronts():
+    device = load_device("jetson_orin_nano")
+    quant = load_quant_loss()
+    space = codesign.table5_space((0.5, 2.0), depths=(4, 16), widths=(768, 2048))
+    fp16 = codesign.search_moe(space, device, FP16, quant_loss=quant,
+                               memory_budget_bytes=device.ram_bytes)
+    int8 = codesign.search_moe(space, device, INT8, quant_loss=quant,
+                               memory_budget_bytes=device.ram_bytes)
+    assert all(p.memory_bytes <= device.ram_bytes for p in fp16)
+    assert len(int8) > len(fp16)  # half the bytes: more designs fit 8 GB
+    # INT8 pays its measured perplexity ratio on SmolLM2 as ln(ratio) nats
+    same = {p.arch: p.loss for p in fp16}
+    offsets = {q.loss - same[q.arch] for q in int8 if q.arch in same}
+    assert max(offsets) == pytest.approx(min(offsets)) == pytest.approx(
+        math.log(quant.ratios["int8"]))
+    assert quant.ratios["int8"] > 1 and quant.ratios["float16"] == 1.0
+    for kind in ("prefill", "decode", "total"):
+        front = codesign.moe_front(fp16, kind)
+        assert all(not (q.latency(kind) <= p.latency(kind) and q.loss < p.loss)
+                   for p in front for q in fp16)
+    row = codesign.moe_design_row(fp16[0])
+    assert row["precision"] == "fp16" and row["accounting"] == "paper"
+
+
+def test_moe_loss_and_cost_under_the_paper_law():
+    dense = MoEArchitecture.from_paper(16, 1024, 1.0, 1, 1, 4)
+    moe = MoEArchitecture.from_paper(16, 1024, 1.0, 16, 1, 4)
+    assert codesign.law_loss(moe) < codesign.law_loss(dense)  # ρ = 1/16: sparsity term shrinks
+    assert codesign.law_loss(dense) == pytest.approx(PAPER_TABLE6(16, 1024, 1.0, 1.0, 256))
+    device = load_device("jetson_agx_orin")
+    [d, m] = codesign.search_moe([dense, moe], device, FP16)
+    assert m.decode_s == pytest.approx(d.decode_s)  # same active weights and KV per step
+    assert m.memory_bytes > 5 * d.memory_bytes / 2  # 16 experts stored
+
+
+def test_quant_loss_offsets_and_exclusions(tmp_path):
+    quant = load_quant_loss()
+    assert quant.format_for_bits(4.5) == "int4_g32" and quant.format_for_bits(3.0) is None
+    assert quant.loss_offset("int4_g32") == pytest.approx(math.log(1.5744792159188201))
+    with pytest.raises(KeyError, match="exclude it from the search"):
+        quant.loss_offset_for_bits(3.0)
+    assert "float16" in quant.assumed
+    (tmp_path / "summary.json").write_text('{"ppl_vs_none": {"none": 0.0, "int8": 0.01}}')
+    small = load_quant_loss(tmp_path / "summary.json", float16_as_reference=False)
+    assert small.ratios == {"float32": 1.0, "int8": 1.01}
+    with pytest.raises(KeyError):
+        small.loss_offset("float16")
