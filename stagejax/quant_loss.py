@@ -1,6 +1,6 @@
 """What a weight format costs in loss: measured perplexity ratios as additive loss offsets.
 
-Owns the quantization term of the co-design searches (issue 28 item 3). Scaling laws are fitted
+Owns the quantization term of the co-design searches. Scaling laws are fitted
 on models evaluated in their training precision, so they predict the same loss for a model
 stored in 4 bits as in 16: without a penalty, fewer bits only ever win. The project measured
 each format's perplexity on SmolLM2-135M (`experiments/bench_quant.py`, results in
