@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stagejax import data, roofline
+from stagejax import compile_cache, data, roofline
 from stagejax_device import measure
 from stagejax.decode import (MonolithicSession, decoder_for, run_generation, sampling_keys,
                              token_nll)
@@ -47,6 +47,7 @@ from stagejax.scheduler import GroupPlan, streams_weights
 from stagejax.settings import RunSettings
 from stagejax.stages import ChunkLayout, build_stages
 from stagejax.store import WeightStore, assemble_params, convert_checkpoint
+from stagejax.store.convert import resolve_cache_dir
 from stagejax.store.layout import params_spec
 from stagejax_device.weight_store import ALIGN_BYTES
 
@@ -139,6 +140,8 @@ class ScheduleRun:
                 jax.block_until_ready(self.nll(zeros, jnp.zeros((1, settings.eval.n_ctx), jnp.int32)))
             del zeros
             self.n_groups = 1
+            # prefill, step, the sampler, the KV writes and the scorer
+            self.n_executables = 3 + len(self.decoder._write) + (self.nll is not None)
             self.staged = None
             # The roofline's view of the resident step: its weights read at the matvec rate.
             self.device = device_from_settings(settings.device, settings.paths.cache)
@@ -168,6 +171,7 @@ class ScheduleRun:
                 groups=self.planned.groups, kv_block=schedule.kv_block,
                 activations=schedule.activations, reader=settings.store.reader)
             self.n_groups = len(self.staged.groups)
+            self.n_executables = self.staged.n_executables
             if progress:
                 print(self.planned.table(), flush=True)
             self.staged.dry_run()
@@ -288,6 +292,7 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
     out_dir.mkdir(parents=True, exist_ok=True)
     phases = measure.PhaseLog(out_dir / measure.PHASE_FILE)
     phases.enter("open")
+    compile_cache.use_persistent_cache(resolve_cache_dir(settings.paths.cache))
     use_one_malloc_arena()
     # Run each executable inline in the calling thread: a staged step makes ~1,200 small calls
     # and blocks on each, so the hand-off to a dispatch thread is pure latency (SmolLM2 atomic:
@@ -317,10 +322,12 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
                         drop_page_cache=settings.store.drop_page_cache)
     capacity = max(len(ids) + max_new + 1, n_ctx if settings.eval.ppl_chunks else 0)
     phases.enter("compile")
+    compiled_from = compile_cache.counters()
     run = ScheduleRun(settings, handle, store, capacity, len(ids), sampling, progress)
     keys = sampling_keys(settings.seed, max_new)  # compiles: before the baseline
     release_freed_memory()
     baseline_rss = measure.rss_bytes()
+    compiled = compile_cache.counters().since(compiled_from)
 
     phases.enter("load")
     run.load()
@@ -366,6 +373,10 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
         "n_stages": run.n_stages,
         "n_groups": run.n_groups,
         "compile_s": run.compile_s,
+        "compile_trace_s": compiled.trace_s, "compile_lower_s": compiled.lower_s,
+        "compile_backend_s": compiled.backend_s, "compile_cache_hits": compiled.cache_hits,
+        "compile_cache_misses": compiled.cache_misses,
+        "n_executables": run.n_executables,
         "decode_tokens_per_s": generation.decode_tokens_per_s,
         "prefill_tokens_per_s": generation.prefill_tokens_per_s,
         "time_to_first_token_s": generation.time_to_first_token_s,
