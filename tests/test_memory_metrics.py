@@ -27,8 +27,10 @@ def child_run(out_dir: Path, schedule: str, hold_mib: int) -> tuple[dict, dict]:
 
 @pytest.fixture(scope="module")
 def model_runs(tmp_path_factory):
-    """`model` on the tiny model twice: as is, and holding 32 MiB through its decode."""
+    """`model` on the tiny model twice: as is, and holding 32 MiB through its decode; after a
+    first run that fills the persistent compilation cache, so both load the same executables."""
     base = tmp_path_factory.mktemp("memory")
+    child_run(base / "prime", "model", 0)
     return child_run(base / "plain", "model", 0), child_run(base / "held", "model", 32)
 
 
