@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Where each schedule's runtime baseline sits, and what moving its measurement point cost:
+`baseline_rss_bytes` of this tree against an earlier revision, in interleaved fresh processes.
+
+    python experiments/baseline_point.py --rev 856e6a7 --rounds 3
+
+The earlier revision is checked out into a temporary git worktree and run with the same
+interpreter (`PYTHONPATH` puts its package first). This tree runs twice per round: with its
+persistent compilation cache emptied first (compiling, as a first run does) and with it filled
+(a later run). Writes experiments/results/baseline_point/summary.md and runs.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from stagejax_device.paths import default_cache_dir  # noqa: E402
+from stagejax_device.results import atomic_write_json, atomic_write_text  # noqa: E402
+
+MIB = 2**20
+JOB = ["model=smollm2_135m", "eval.ppl_chunks=0", "decode.max_new_tokens=8", "tracking.mode=disabled"]
+
+
+def run(label: str, tree: Path, schedule: str, out: Path, env_extra: dict) -> dict:
+    run_dir = out / label.replace(", ", "_") / schedule
+    env = dict(os.environ, PYTHONPATH=str(tree), **env_extra)
+    command = [sys.executable, "-m", "stagejax.run", *JOB, f"schedule={schedule}", f"hydra.run.dir={run_dir}"]
+    if label != "rev":
+        command.append("tracking.artifacts=false")
+    done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{label} {schedule} failed: {done.stderr[-2000:]}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {"label": label, "schedule": schedule, "baseline_rss_bytes": metrics["baseline_rss_bytes"],
+            "decode_peak_rss_bytes": metrics.get("decode_peak_rss_bytes",
+                                                 metrics["baseline_rss_bytes"] + metrics["peak_rss_decode_bytes"]),
+            "compile_s": metrics["compile_s"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rev", required=True, help="the earlier revision (e.g. 856e6a7)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--schedules", default="model,atomic")
+    parser.add_argument("--results", type=Path, default=REPO / "experiments" / "results" / "baseline_point")
+    args = parser.parse_args()
+    schedules = args.schedules.split(",")
+    work = Path(tempfile.mkdtemp(prefix="baseline-point-"))
+    old = work / "rev"
+    subprocess.run(["git", "worktree", "add", "--detach", str(old), args.rev], cwd=REPO, check=True,
+                   capture_output=True)
+    xla_cache = default_cache_dir() / "xla"
+    records = []
+    try:
+        for round_index in range(args.rounds):
+            for schedule in schedules:
+                records.append(run("rev", old, schedule, work / f"r{round_index}", {}) | {"round": round_index})
+                shutil.rmtree(xla_cache, ignore_errors=True)
+                records.append(run("tree, compiling", REPO, schedule, work / f"r{round_index}", {})
+                               | {"round": round_index})
+                records.append(run("tree, cached", REPO, schedule, work / f"r{round_index}", {})
+                               | {"round": round_index})
+                print(records[-3:], flush=True)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=REPO, capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+    labels = ["rev", "tree, compiling", "tree, cached"]
+    lines = ["# Runtime baseline: this tree against an earlier revision", "",
+             f"`python experiments/baseline_point.py --rev {args.rev} --rounds {args.rounds}` "
+             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}): SmolLM2-135M float32, "
+             f"{' '.join(JOB[1:])}; every run a fresh process, rounds interleaved; medians (every "
+             "round in brackets), MiB = 2^20 bytes. `rev` measured its baseline before `model`'s "
+             "warm-up; this tree measures it after every schedule's warm-up. \"compiling\": the "
+             "persistent compilation cache emptied first; \"cached\": filled by the run before.", "",
+             "| schedule | run | baseline MiB | decode peak MiB (whole process) | compile s |",
+             "|---|---|---:|---:|---:|"]
+    for schedule in schedules:
+        for label in labels:
+            rows = [r for r in records if r["schedule"] == schedule and r["label"] == label]
+            base = [r["baseline_rss_bytes"] / MIB for r in rows]
+            peak = [r["decode_peak_rss_bytes"] / MIB for r in rows]
+            comp = [r["compile_s"] for r in rows]
+            fmt = lambda v: f"{statistics.median(v):.1f} ({' / '.join(f'{x:.1f}' for x in v)})"  # noqa: E731
+            lines.append(f"| {schedule} | {label} | {fmt(base)} | {fmt(peak)} | {fmt(comp)} |")
+    args.results.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.results / "summary.md", "\n".join(lines) + "\n")
+    atomic_write_json(args.results / "runs.json", {"rev": args.rev, "job": JOB, "runs": records})
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
