@@ -5,9 +5,9 @@
     python experiments/baseline_point.py --rev 856e6a7 --rounds 3
 
 The earlier revision is checked out into a temporary git worktree and run with the same
-interpreter (`PYTHONPATH` puts its package first). This tree runs twice per round: with its
-persistent compilation cache emptied first (compiling, as a first run does) and with it filled
-(a later run). Writes experiments/results/baseline_point/summary.md and runs.json.
+interpreter (`PYTHONPATH` puts its package first). This tree runs three times per round:
+without the persistent compilation cache (as the revision), with it emptied first (a first
+run: compiles and fills it), and with it filled (a later run). Writes experiments/results/baseline_point/summary.md and runs.json.
 """
 
 from __future__ import annotations
@@ -33,12 +33,11 @@ MIB = 2**20
 JOB = ["model=smollm2_135m", "eval.ppl_chunks=0", "decode.max_new_tokens=8", "tracking.mode=disabled"]
 
 
-def run(label: str, tree: Path, schedule: str, out: Path, env_extra: dict) -> dict:
-    run_dir = out / label.replace(", ", "_") / schedule
-    env = dict(os.environ, PYTHONPATH=str(tree), **env_extra)
-    command = [sys.executable, "-m", "stagejax.run", *JOB, f"schedule={schedule}", f"hydra.run.dir={run_dir}"]
-    if label != "rev":
-        command.append("tracking.artifacts=false")
+def run(label: str, tree: Path, schedule: str, out: Path, extra: list[str] = ()) -> dict:
+    run_dir = out / label.replace(", ", "_").replace(" ", "_") / schedule
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    command = [sys.executable, "-m", "stagejax.run", *JOB, f"schedule={schedule}", *extra,
+               f"hydra.run.dir={run_dir}"]
     done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{label} {schedule} failed: {done.stderr[-2000:]}")
@@ -66,24 +65,26 @@ def main() -> int:
     try:
         for round_index in range(args.rounds):
             for schedule in schedules:
-                records.append(run("rev", old, schedule, work / f"r{round_index}", {}) | {"round": round_index})
+                out = work / f"r{round_index}"
+                records.append(run("rev", old, schedule, out) | {"round": round_index})
+                records.append(run("tree, no cache", REPO, schedule, out, ["compile_cache=false"])
+                               | {"round": round_index})
                 shutil.rmtree(xla_cache, ignore_errors=True)
-                records.append(run("tree, compiling", REPO, schedule, work / f"r{round_index}", {})
-                               | {"round": round_index})
-                records.append(run("tree, cached", REPO, schedule, work / f"r{round_index}", {})
-                               | {"round": round_index})
-                print(records[-3:], flush=True)
+                records.append(run("tree, compiling", REPO, schedule, out) | {"round": round_index})
+                records.append(run("tree, cached", REPO, schedule, out) | {"round": round_index})
+                print(records[-4:], flush=True)
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=REPO, capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
-    labels = ["rev", "tree, compiling", "tree, cached"]
+    labels = ["rev", "tree, no cache", "tree, compiling", "tree, cached"]
     lines = ["# Runtime baseline: this tree against an earlier revision", "",
              f"`python experiments/baseline_point.py --rev {args.rev} --rounds {args.rounds}` "
              f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}): SmolLM2-135M float32, "
              f"{' '.join(JOB[1:])}; every run a fresh process, rounds interleaved; medians (every "
              "round in brackets), MiB = 2^20 bytes. `rev` measured its baseline before `model`'s "
-             "warm-up; this tree measures it after every schedule's warm-up. \"compiling\": the "
-             "persistent compilation cache emptied first; \"cached\": filled by the run before.", "",
+             "warm-up; this tree measures it after every schedule's warm-up. \"no cache\": "
+             "`compile_cache=false` (no persistent compilation cache, as `rev`); \"compiling\": "
+             "the cache emptied first, filled by this run; \"cached\": filled by the run before.", "",
              "| schedule | run | baseline MiB | decode peak MiB (whole process) | compile s |",
              "|---|---|---:|---:|---:|"]
     for schedule in schedules:

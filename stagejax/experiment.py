@@ -85,13 +85,15 @@ def live_jax_bytes() -> int:
 def shared_zeros(spec_tree):
     """Zero arrays shaped like `spec_tree`, one buffer per distinct (shape, dtype) shared by every
     leaf of that shape: enough to run an executable once without holding a copy of the model
-    (SmolLM2's 30 layers share each projection's buffer)."""
+    (SmolLM2's 30 layers share each projection's buffer). Host zeros handed over by
+    `device_put`: `jnp.zeros` would compile a broadcast per shape, for the warm-up alone
+    (~7 MB of the baseline on SmolLM2)."""
     buffers = {}
 
     def zeros(spec):
-        key = (tuple(spec.shape), jnp.dtype(spec.dtype).str)
+        key = (tuple(spec.shape), np.dtype(spec.dtype).str)
         if key not in buffers:
-            buffers[key] = jnp.zeros(spec.shape, spec.dtype)
+            buffers[key] = jax.device_put(np.zeros(spec.shape, spec.dtype))
         return buffers[key]
 
     return jax.tree_util.tree_map(zeros, spec_tree)
@@ -137,7 +139,7 @@ class ScheduleRun:
             self.warmup_s = self.decoder.warm_up(zeros)
             if settings.eval.ppl_chunks:
                 self.nll = jax.jit(lambda p, t: token_nll(config, p, t, kv_dtype))
-                jax.block_until_ready(self.nll(zeros, jnp.zeros((1, settings.eval.n_ctx), jnp.int32)))
+                jax.block_until_ready(self.nll(zeros, np.zeros((1, settings.eval.n_ctx), np.int32)))
             del zeros
             self.n_groups = 1
             # prefill, step, the sampler, the KV writes and the scorer
@@ -292,7 +294,8 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
     out_dir.mkdir(parents=True, exist_ok=True)
     phases = measure.PhaseLog(out_dir / measure.PHASE_FILE)
     phases.enter("open")
-    compile_cache.use_persistent_cache(resolve_cache_dir(settings.paths.cache))
+    if settings.compile_cache:
+        compile_cache.use_persistent_cache(resolve_cache_dir(settings.paths.cache))
     use_one_malloc_arena()
     # Run each executable inline in the calling thread: a staged step makes ~1,200 small calls
     # and blocks on each, so the hand-off to a dispatch thread is pure latency (SmolLM2 atomic:

@@ -229,6 +229,7 @@ class RunSettings:
     tracking: TrackingSettings = dataclasses.field(default_factory=TrackingSettings)
     export: ExportSettings = dataclasses.field(default_factory=ExportSettings)
     seed: int = 0
+    compile_cache: bool = True  # keep compiled executables under paths.cache/xla for later runs
 
     def __post_init__(self):
         # Combinations: checked here, before anything loads.
