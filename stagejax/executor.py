@@ -379,6 +379,8 @@ class StagedDecoder:
     # ---- running ---------------------------------------------------------------------------
 
     def _int(self, value: int) -> jax.Array:
+        """A cached int32 scalar: only for the few values passes repeat (the last real token
+        of a pass, KV block offsets), not for positions."""
         if value not in self._ints:
             self._ints[value] = jnp.int32(value)
         return self._ints[value]
@@ -436,7 +438,9 @@ class StagedDecoder:
                              f"{self.cache.capacity}")
         token_ids = np.asarray(token_ids, np.int32)
         positions = np.arange(start, start + tokens, dtype=np.int32)[None]
-        ctx = {"positions": jnp.asarray(positions), "past_len": self._int(start),
+        # past_len is a new array per pass: cached per position, one array per decoded token
+        # would stay alive for the decoder's life.
+        ctx = {"positions": jnp.asarray(positions), "past_len": jnp.int32(start),
                "last": self._int(n_real - 1)}
         if scoring:
             ctx["targets"] = jnp.asarray(np.asarray(targets, np.int32))
@@ -534,6 +538,8 @@ class StagedDecoder:
     def prefill(self, prompt_ids: Sequence[int]) -> jax.Array:
         """Run the prompt in passes of `prefill_block` tokens; returns the last token's logits."""
         prompt_ids = list(prompt_ids)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: give decode.prompt some text")
         state = None
         for start in range(0, len(prompt_ids), self.prefill_block):
             chunk = prompt_ids[start:start + self.prefill_block]

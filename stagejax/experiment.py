@@ -267,9 +267,10 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
     if len(ids) + max_new + 1 > config.max_seq_len:
         raise ValueError(f"prompt of {len(ids)} tokens + decode.max_new_tokens={max_new} exceeds "
                          f"the model's context of {config.max_seq_len} tokens")
-    n_ctx = settings.eval.n_ctx
-    if settings.eval.ppl_chunks and n_ctx > config.max_seq_len:
-        raise ValueError(f"eval.n_ctx={n_ctx} exceeds the model's context of {config.max_seq_len}")
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens: give decode.prompt some text")
+    n_ctx = settings.eval.context(config.max_seq_len) if settings.eval.ppl_chunks else None
+    settings = dataclasses.replace(settings, eval=dataclasses.replace(settings.eval, n_ctx=n_ctx))
     sampling = SamplingConfig(settings.decode.temperature, settings.decode.top_k, settings.decode.top_p)
 
     checkpoint = convert_checkpoint(handle, settings.paths.cache, settings.schedule.ffn_chunks,
@@ -348,7 +349,7 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
                        measured_step_s=measured_step, device=run.device.name)
 
     if settings.eval.ppl_chunks:
-        text = data.read_text(settings.eval.dataset, settings.paths.data)
+        text = data.read_text(settings.eval.dataset, settings.paths.data, settings.eval.text_mode)
         tokens = handle.tokenizer.encode(text)
         nll_fn = run.nll_fn()
         if settings.eval.procedure == "llama_cpp":
@@ -358,7 +359,8 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
                                         settings.eval.ppl_chunks, progress)
         metrics.update(ppl=result.ppl, ppl_stderr=result.ppl_stderr, ppl_chunks=result.n_chunks,
                        n_ctx=n_ctx, ppl_procedure=result.procedure,
-                       ppl_scored_tokens=result.n_scored_tokens)
+                       ppl_scored_tokens=result.n_scored_tokens,
+                       ppl_text_mode=settings.eval.text_mode)
 
     metrics["peak_rss_bytes"] = max(peak.overall_bytes, measure.peak_rss_bytes())
     metrics["wall_s"] = time.perf_counter() - wall_start
