@@ -119,13 +119,17 @@ class StagedDecoder:
         block_tokens; default: one stored block).
       activations: "ram" (donated from group to group) or "disk" (each group's outputs written
         to a file and read back by the groups that use them; `ActivationStore`).
+      scratch_dir: where a disk KV cache (unless `kv_layout.directory` says) and activations
+        on disk keep their files; None: the system's temporary directory.
+      native_dir: where the C weight reader is compiled (`native_stream.library`).
     """
 
     def __init__(self, config: ModelConfig, store, layout: ChunkLayout, policy: str,
                  kv_layout: KVLayout, capacity: int, prefill_block: int = 64,
                  prefetch_depth: int = 1, sampling: SamplingConfig = SamplingConfig(),
                  groups: Sequence[Group] | None = None, kv_block: int | None = None,
-                 activations: str = "ram", reader: str = "auto"):
+                 activations: str = "ram", reader: str = "auto", scratch_dir: str | None = None,
+                 native_dir: str | None = None):
         self.config, self.store, self.layout, self.policy = config, store, layout, policy
         # Stored keys: a quantized weight is several arrays (stagejax.quant), listed per stage.
         self.stages: list[Stage] = build_stages(config, layout, store.manifest.arrays)
@@ -140,10 +144,12 @@ class StagedDecoder:
             self.stages, policy, config)
         if any(g.kind == "fused" and g.stages[0].kind == "embed" for g in self.groups):
             raise ValueError("the embed stage must be a group of its own")
+        if kv_layout.directory is None and scratch_dir is not None:
+            kv_layout = dataclasses.replace(kv_layout, directory=scratch_dir)
         self.kv_layout = kv_layout
         if activations not in ("ram", "disk"):
             raise ValueError(f"schedule.activations must be ram or disk, got {activations!r}")
-        self.activation_store = ActivationStore() if activations == "disk" else None
+        self.activation_store = ActivationStore(scratch_dir) if activations == "disk" else None
         self.kv_block = kv_block or kv_layout.block_tokens
         self.prefill_block = prefill_block
         self.cache = HostKVCache(config, max(capacity, prefill_block), kv_layout, self.kv_block)
@@ -151,7 +157,8 @@ class StagedDecoder:
         self.prefetch_depth = prefetch_depth
         self._units = [list(g.weight_keys) for g in self.groups if streams_weights(g)]
         # Consecutive small units are read together into one slab: fewer thread hand-offs.
-        self.prefetcher = CoalescingPrefetcher(store, self._units, prefetch_depth, reader)
+        self.prefetcher = CoalescingPrefetcher(store, self._units, prefetch_depth, reader,
+                                               native_dir=native_dir)
         self._index = [jnp.asarray([stage_index_value(s, layout) for s in g.stages], jnp.int32)
                        for g in self.groups]
         # Per-group facts the hot loop needs, computed once (Group's properties recompute).

@@ -42,6 +42,7 @@ from stagejax.scheduler import GroupPlan, streams_weights
 from stagejax.settings import RunSettings
 from stagejax.stages import ChunkLayout, build_stages
 from stagejax.store import WeightStore, assemble_params, convert_checkpoint
+from stagejax.store.convert import resolve_cache_dir
 from stagejax.store.layout import params_spec
 from stagejax.store.weight_store import ALIGN_BYTES
 
@@ -112,8 +113,9 @@ class ScheduleRun:
             self.model_predicted_s = warm_group_time(step, self.device, streamed=False, kv_on_disk=False)
         else:
             schedule, cache = settings.schedule, settings.cache
+            cache_dir = resolve_cache_dir(settings.paths.cache)
             kv_layout = KVLayout(cache.kind, cache.order, cache.block_tokens or schedule.kv_block,
-                                 cache.dtype)
+                                 cache.dtype, settings.paths.scratch or str(cache_dir / "scratch"))
             device = device_from_settings(settings.device, settings.paths.cache)
             self.checkpoint_read_bytes_per_s = None
             if settings.device.calibrated and not settings.store.drop_page_cache:
@@ -132,7 +134,8 @@ class ScheduleRun:
                 capacity=capacity, prefill_block=schedule.prefill_block,
                 prefetch_depth=schedule.prefetch_depth, sampling=sampling,
                 groups=self.planned.groups, kv_block=schedule.kv_block,
-                activations=schedule.activations, reader=settings.store.reader)
+                activations=schedule.activations, reader=settings.store.reader,
+                scratch_dir=kv_layout.directory, native_dir=str(cache_dir / "native"))
             self.n_groups = len(self.staged.groups)
             if progress:
                 print(self.planned.table(), flush=True)

@@ -208,6 +208,9 @@ class DecodeSettings:
 class PathSettings:
     data: Optional[str] = None  # None: $STAGEJAX_DATA or ../shared/data from the repo root
     cache: Optional[str] = None  # None: $STAGEJAX_CACHE or ~/.cache/stagejax
+    # Where a disk KV cache and activations on disk keep their (unnamed) files; it should be on
+    # a disk, not tmpfs. None: `<paths.cache>/scratch`.
+    scratch: Optional[str] = None
 
 
 @dataclasses.dataclass
