@@ -266,7 +266,8 @@ def write_checkpoint(directory: Path, model_name: str, config: ModelConfig, toke
     float32 or already quantized as `conversion["quant"]` stores it (`_Source.stored_params`).
     `run_save(save)` runs orbax's save (default: `save()`); `convert_checkpoint` passes
     `Staging.run_writer`, so an interrupt during the save returns at once."""
-    import orbax.checkpoint as ocp
+    with _quiet_absl():  # orbax logs its handler registry when imported
+        import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
 
     start_s = time.perf_counter()
@@ -286,11 +287,12 @@ def write_checkpoint(directory: Path, model_name: str, config: ModelConfig, toke
         bar.update(sum(a.nbytes for a in arrays.values()))
 
     bar.set_description(f"convert {model_name}: orbax save")
-    # No OCDBT, no compression, zarr v2: one raw C-order chunk file per array, read directly.
-    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False, use_compression=False)
-
     def save():
         with _quiet_absl():
+            # No OCDBT, no compression, zarr v2: one raw C-order chunk file per array, read
+            # directly.
+            handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False,
+                                                  use_compression=False)
             ocp.Checkpointer(handler).save(directory.absolute(), nest(stored))
 
     (run_save or (lambda f: f()))(save)

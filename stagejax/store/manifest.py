@@ -172,7 +172,7 @@ class Manifest:
         if version != FORMAT_VERSION:
             raise CheckpointError(
                 f"{directory}: checkpoint format version {version!r}, but this stagejax reads "
-                f"version {FORMAT_VERSION}; convert the model again (python -m stagejax.convert)")
+                f"version {FORMAT_VERSION}")
         try:
             return cls(
                 format_version=version,

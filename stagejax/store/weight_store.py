@@ -30,6 +30,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from stagejax.model_config import ModelConfig
+from stagejax.store.checkpoints import remedy
 from stagejax.store.manifest import ArrayInfo, CheckpointError, Manifest, checksum_function
 
 VERIFY_MODES = ("open", "read", "off")
@@ -82,7 +83,10 @@ class WeightStore:
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify={verify!r} is not one of {VERIFY_MODES}")
         self.path = Path(path)
-        self.manifest = Manifest.read(self.path)
+        try:
+            self.manifest = Manifest.read(self.path)
+        except CheckpointError as error:
+            raise CheckpointError(f"{error}; {remedy(self.path)}") from None
         self.manifest.check_matches(expect_config, expect_model)
         self.verify = verify
         self._verify_reads = verify == "read"
@@ -106,6 +110,9 @@ class WeightStore:
                 self.verify_all()
             if drop_page_cache:
                 self.drop_page_cache()
+        except CheckpointError as error:  # a damaged checkpoint: say how to replace it
+            self.close()
+            raise CheckpointError(f"{error}; {remedy(self.path)}") from None
         except BaseException:
             self.close()
             raise
@@ -116,14 +123,14 @@ class WeightStore:
             fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise CheckpointError(f"array {info.key!r} is missing: no file {file}; the checkpoint "
-                                  "is incomplete, delete it and convert again") from None
+                                  "is incomplete") from None
         size = os.fstat(fd).st_size
         if size != info.nbytes:
             os.close(fd)
             raise CheckpointError(
                 f"array {info.key!r}: {file} has {size} bytes, the manifest says {info.nbytes} "
                 f"({'truncated' if size < info.nbytes else 'wrong size'}); the checkpoint is "
-                "corrupt, delete it and convert again")
+                "corrupt")
         return _Entry(info, fd, file)
 
     # -- reading ---------------------------------------------------------------------------
