@@ -558,8 +558,9 @@ def calibrate(cache_dir: str | os.PathLike, *, force: bool = False, quick: bool 
             return record["device"]
     import jax
 
-    from stagejax.store.checkpoints import cache_dir_error
+    from stagejax.store.checkpoints import cache_dir_error, make_dir
 
+    make_dir(Path(cache_dir) / "calibration", Path(cache_dir))  # before a minute of probes
     try:  # the probes write files under cache_dir, and the record goes there
         probes = run_probes(Path(cache_dir), quick=quick, progress=progress)
         now = datetime.datetime.now(datetime.timezone.utc)

@@ -223,6 +223,14 @@ def test_a_read_only_cache_is_named(small_tmpfs):
         convert_checkpoint(random_tiny(), mount, progress=False)
 
 
+def test_calibrating_into_a_read_only_cache_is_named(small_tmpfs):
+    from stagejax.calibration import calibrate
+
+    mount = small_tmpfs("ro,size=1m")
+    with pytest.raises(checkpoints.CacheDirError, match=f"paths.cache={mount}: cannot create"):
+        calibrate(mount, quick=True)
+
+
 def test_a_full_cache_is_named_before_writing(small_tmpfs):
     mount = small_tmpfs("size=1m")
     with pytest.raises(checkpoints.CacheDirError,
