@@ -253,8 +253,10 @@ def test_a_write_that_runs_out_of_space_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(convert_module, "_describe_stored", lambda *a: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # not a file-system error: passed on as it is
         convert_checkpoint(random_tiny(), tmp_path, progress=False)
-    assert checkpoints.cache_dir_error(tmp_path, OSError(errno.EROFS, "Read-only file system"),
-                                       "write") is not None
+    read_only = OSError(errno.EROFS, "Read-only file system", str(tmp_path / "checkpoints"))
+    assert checkpoints.cache_dir_error(tmp_path, read_only, "write") is not None
+    elsewhere = FileNotFoundError(errno.ENOENT, "No such file", "/models/source.gguf")
+    assert checkpoints.cache_dir_error(tmp_path, elsewhere, "write") is None
 
 
 def test_the_c_reader_is_built_under_paths_cache(tmp_path):

@@ -58,6 +58,10 @@ def cache_dir_error(cache_dir: Path, error: BaseException, doing: str) -> CacheD
     `cache_dir`, or None when `error` is not a file-system error (it is then re-raised as is).
     tensorstore (under orbax) reports them as ValueError("RESOURCE_EXHAUSTED: ... [os_error_code=...]")."""
     text = str(error)
+    if isinstance(error, OSError) and error.filename is not None:
+        inside = os.path.abspath(error.filename).startswith(os.path.abspath(cache_dir) + os.sep)
+        if not inside and os.path.abspath(error.filename) != os.path.abspath(cache_dir):
+            return None  # e.g. the model's source file: not the cache's fault
     code = getattr(error, "errno", None) if isinstance(error, OSError) else None
     if code is None:
         for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM"):
