@@ -36,8 +36,8 @@ from stagejax.store import checkpoints
 from stagejax.store.layout import (QUANT_SCHEMES, ffn_chunk_bounds, flatten, nest,
                                    normalize_vocab_chunk, shard_arrays, stored_arrays,
                                    vocab_chunk_bounds)
-from stagejax.store.manifest import (DEFAULT_CHECKSUM, FORMAT_VERSION, MANIFEST_FILE,
-                                     TOKENIZER_FILE, ArrayInfo, CheckpointError, Manifest,
+from stagejax.store.manifest import (DEFAULT_CHECKSUM, FORMAT_VERSION, TOKENIZER_FILE,
+                                     ArrayInfo, CheckpointError, Manifest,
                                      checksum_function)
 
 # Checksum granularity. 64 KiB: a one-row embedding read verifies ~28 SmolLM2 rows (~10 µs of
@@ -251,8 +251,8 @@ def convert_checkpoint(handle: ModelHandle, cache_dir: str | os.PathLike | None 
 
 def _stored_bytes(params: dict) -> int:
     """Bytes a checkpoint of these (stored-form) parameters writes, metadata included."""
-    leaves = list(flatten(params).values()) if any(isinstance(v, dict) for v in params.values()) \
-        else list(params.values())
+    nested = any(isinstance(v, dict) for v in params.values())
+    leaves = list((flatten(params) if nested else params).values())
     data = sum(v.nbytes if isinstance(v, quantization.QuantizedMatrix) else int(np.asarray(v).nbytes)
                for v in leaves)
     return data + len(leaves) * checkpoints.PER_ARRAY_OVERHEAD_BYTES
