@@ -260,13 +260,16 @@ def test_a_write_that_runs_out_of_space_is_named(tmp_path, monkeypatch):
 
 
 def test_the_c_reader_is_built_under_paths_cache(tmp_path):
-    from stagejax.store import native_stream
-
-    if native_stream._library is not None:  # loaded by an earlier test: build a second copy
-        native_stream._compile(tmp_path / "native" / "stream.so")
-    else:
-        native_stream.library(tmp_path / "native")
-    assert list((tmp_path / "native").glob("stream*.so"))
+    """In a fresh process (a process loads the reader once): built where the run's
+    paths.cache says, not under $STAGEJAX_CACHE."""
+    code = ("import sys; from stagejax.store import native_stream; "
+            "assert native_stream.library(sys.argv[1]) is not None, native_stream.library_error()")
+    env = {**os.environ, "STAGEJAX_CACHE": str(tmp_path / "elsewhere")}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache" / "native")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert list((tmp_path / "cache" / "native").glob("stream-*.so"))
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_orbax_logs_nothing_through_hydras_logging(tmp_path, caplog):
