@@ -8,7 +8,9 @@ Builds the main job's decoding session (`stagejax.experiment.ScheduleRun`, the r
 from the given overrides, perplexity off), prefills the prompt and decodes `--tokens` greedy
 tokens, ignoring end-of-sequence so the count is exact, reading the anonymous resident memory
 (`RssAnon` of /proc/self/status: heap and anonymous mappings; file pages such as shared
-libraries and the page cache are not in it) every `--every` tokens. The slope is a least-squares
+libraries and the page cache are not in it) every `--every` tokens. Freed heap is returned to
+the OS first (`malloc_trim`, as the main job does before decoding); otherwise a leak could fill
+free pages the process already holds and not show for a while. The slope is a least-squares
 fit over the tokens after `--skip` (warm-up: buffers and caches that fill once); its value
 times the tokens decoded is what a leak would have added. Writes `rss.csv`, `summary.json` and
 `summary.md` into `--out`.
@@ -52,7 +54,7 @@ def main() -> int:
     from hydra import compose, initialize_config_dir
 
     from stagejax.experiment import ScheduleRun, prompt_ids
-    from stagejax.loading import open_model, use_one_malloc_arena
+    from stagejax.loading import open_model, release_freed_memory, use_one_malloc_arena
     from stagejax.run import CONF_DIR, to_settings
     from stagejax.sampling import SamplingConfig
     from stagejax.store import WeightStore, convert_checkpoint
@@ -75,6 +77,9 @@ def main() -> int:
     token = int(session.sample(session.prefill(ids), key))
     if run.staged is not None:
         run.staged.release_pass_buffers(keep_tokens=1)
+    # As the main job does before decoding: freed heap goes back to the OS, so memory a leak
+    # takes later is new resident pages, not reused free ones (which RssAnon would not show).
+    release_freed_memory()
     rows, start = [], time.perf_counter()
     for n in range(1, args.tokens + 1):
         token = int(session.sample(session.step(token, len(ids) + n - 1), key))
