@@ -4,28 +4,26 @@ reads the entries it uses, runs, and writes back the ones it wrote, so only one 
 inputs and outputs are ever resident.
 
 One file, one fixed slot per (pass shape, entry): offsets are assigned on first use. Reads go
-into reused 64-byte-aligned buffers (`preadv`), writes come from the group's outputs.
+into reused 64-byte-aligned buffers (`preadv`), writes come from the group's outputs. The file
+has no name (`kv_cache.scratch_file`), so nothing is left behind however the process ends.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
-from stagejax.kv_cache import aligned_empty
+from stagejax_device.kv_store import aligned_empty, scratch_file
 
 
 class ActivationStore:
+    """Args: directory: where the (unnamed) file goes (runs: `paths.scratch`); None: the
+    system's temporary directory."""
+
     def __init__(self, directory: str | None = None):
-        self._tmpdir = None
-        if directory is None:
-            directory = self._tmpdir = tempfile.mkdtemp(prefix="stagejax-act-")
-        os.makedirs(directory, exist_ok=True)
-        self.path = os.path.join(directory, "activations.bin")
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        self.path = f"an unnamed file in {directory or 'the temporary directory'}"
+        self._fd = scratch_file(directory, 0, "activation")
         self._slots: dict[tuple, tuple[int, tuple, np.dtype]] = {}  # key -> (offset, shape, dtype)
         self._end = 0
         self._buffers: dict[tuple, np.ndarray] = {}
@@ -68,9 +66,6 @@ class ActivationStore:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
 
     def __del__(self):
         try:

@@ -21,6 +21,7 @@ from stagejax.decode import GenerationResult, generate as generate_ids, token_nl
 from stagejax.loading import Model, load_model
 from stagejax.evaluation import PerplexityResult, perplexity_llama_cpp, perplexity_strided
 from stagejax.sampling import SamplingConfig
+from stagejax.settings import EvalSettings
 
 __all__ = ["Model", "load_model", "generate", "perplexity"]
 
@@ -42,13 +43,15 @@ def generate(model: Model, prompt: str | list[int], max_new_tokens: int = 32, *,
                         model.config.eos_token_id, detokenize=model.tokenizer.decode)
 
 
-def perplexity(model: Model, text: str | None = None, n_ctx: int = 512,
+def perplexity(model: Model, text: str | None = None, n_ctx: int | None = None,
                n_chunks: int | None = None, procedure: str = "llama_cpp", stride: int = 256,
-               progress: bool = True) -> PerplexityResult:
-    """Perplexity of `text` (default: WikiText-2 raw test split) by llama.cpp's procedure,
-    or Hugging Face's strided one with `procedure="strided"`."""
+               progress: bool = True, text_mode: str = "bytes") -> PerplexityResult:
+    """Perplexity of `text` (default: WikiText-2 raw test split, read as `text_mode` says:
+    `stagejax.data.read_text`) by llama.cpp's procedure, or Hugging Face's strided one with
+    `procedure="strided"`. `n_ctx` None: 512, or the model's context where shorter."""
+    n_ctx = EvalSettings(n_ctx=n_ctx).context(model.config.max_seq_len)
     if text is None:
-        text = data.read_text("wikitext-2/wiki.test.raw")
+        text = data.read_text("wikitext-2/wiki.test.raw", text_mode=text_mode)
     tokens = model.tokenizer.encode(text)
     nll = jax.jit(functools.partial(token_nll, model.config))
     nll_fn = lambda window: nll(model.params, jnp.asarray(window))

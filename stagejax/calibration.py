@@ -558,14 +558,21 @@ def calibrate(cache_dir: str | os.PathLike, *, force: bool = False, quick: bool 
             return record["device"]
     import jax
 
-    probes = run_probes(Path(cache_dir), quick=quick, progress=progress)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    host = socket.gethostname()
-    device = device_from_probes(
-        probes, source=f"calibrated on {host} ({cpu_model()}, {os.cpu_count()} cores, jax "
-                       f"{jax.__version__}) {now:%Y-%m-%d %H:%M} UTC{' (quick)' if quick else ''}")
-    atomic_write_json(path, {
-        "format": CALIBRATION_FORMAT, "machine": machine_key(), "quick": quick,
-        "date": now.isoformat(timespec="seconds"), "device": device.to_dict(),
-        "probes": {k: dataclasses.asdict(m) for k, m in probes.items()}})
+    from stagejax.store.checkpoints import cache_dir_error, make_dir
+
+    make_dir(Path(cache_dir) / "calibration", Path(cache_dir))  # before a minute of probes
+    try:  # the probes write files under cache_dir, and the record goes there
+        probes = run_probes(Path(cache_dir), quick=quick, progress=progress)
+        now = datetime.datetime.now(datetime.timezone.utc)
+        host = socket.gethostname()
+        device = device_from_probes(
+            probes, source=f"calibrated on {host} ({cpu_model()}, {os.cpu_count()} cores, jax "
+                           f"{jax.__version__}) {now:%Y-%m-%d %H:%M} UTC{' (quick)' if quick else ''}")
+        atomic_write_json(path, {
+            "format": CALIBRATION_FORMAT, "machine": machine_key(), "quick": quick,
+            "date": now.isoformat(timespec="seconds"), "device": device.to_dict(),
+            "probes": {k: dataclasses.asdict(m) for k, m in probes.items()}})
+    except OSError as error:
+        raise cache_dir_error(Path(cache_dir), error, "calibrate this machine (its probes and "
+                              "record are written there)") from error
     return device

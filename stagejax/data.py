@@ -33,8 +33,19 @@ def resolve_data_dir(path: str | os.PathLike | None) -> Path:
     return path if path.is_absolute() else (REPO_ROOT / path).resolve()
 
 
-def read_text(relative: str, data_dir: str | os.PathLike | None = None, verify: bool = True) -> str:
-    """The text of a data file, after checking its sha256 against the data README's."""
+TEXT_MODES = ("bytes", "text")
+
+
+def read_text(relative: str, data_dir: str | os.PathLike | None = None,
+              text_mode: str = "bytes", verify: bool = True) -> str:
+    """The text of a data file, after checking its sha256 against the data README's.
+
+    `text_mode` "bytes": the file's bytes decoded as they are, line ends included (llama.cpp's
+    `perplexity -f` reads them so; wiki.test.raw has CRLF line ends). "text": as Python's text
+    mode reads it (universal newlines: CRLF and CR become LF), as most Python tools see it.
+    """
+    if text_mode not in TEXT_MODES:
+        raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}")
     path = resolve_data_dir(data_dir) / relative
     if not path.is_file():
         raise FileNotFoundError(
@@ -46,4 +57,7 @@ def read_text(relative: str, data_dir: str | os.PathLike | None = None, verify: 
         if digest != SHA256[relative]:
             raise ValueError(f"{path} has sha256 {digest}, expected {SHA256[relative]}: the file "
                              "changed, so its numbers would not be comparable; restore it")
-    return raw.decode("utf-8")
+    text = raw.decode("utf-8")
+    if text_mode == "text":
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text

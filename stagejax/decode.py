@@ -248,6 +248,7 @@ def run_generation(session, prompt_ids: list[int], max_new_tokens: int, seed: in
         new_ids.append(token)
         stopped = token == eos_token_id
     decode_s = time.perf_counter() - start
-    text = detokenize(new_ids) if detokenize else ""
+    # The end-of-sequence token ends the text; it is not part of it.
+    text = detokenize(new_ids[:-1] if stopped else new_ids) if detokenize else ""
     return GenerationResult(list(prompt_ids), new_ids, text, stopped, compile_s,
                             prefill_s, decode_s, n_steps)

@@ -147,6 +147,9 @@ class StagedDecoder:
         block_tokens; default: one stored block).
       activations: "ram" (donated from group to group) or "disk" (each group's outputs written
         to a file and read back by the groups that use them; `ActivationStore`).
+      scratch_dir: where a disk KV cache (unless `kv_layout.directory` says) and activations
+        on disk keep their files; None: the system's temporary directory.
+      native_dir: where the C weight reader is compiled (`native_stream.library`).
       warm_up: compile every executable now (False: only describe them as `programs`, as the
         exporter needs; such a decoder cannot run).
     """
@@ -155,7 +158,8 @@ class StagedDecoder:
                  kv_layout: KVLayout, capacity: int, prefill_block: int = 64,
                  prefetch_depth: int = 1, sampling: SamplingConfig = SamplingConfig(),
                  groups: Sequence[Group] | None = None, kv_block: int | None = None,
-                 activations: str = "ram", reader: str = "auto", warm_up: bool = True):
+                 activations: str = "ram", reader: str = "auto", scratch_dir: str | None = None,
+                 native_dir: str | None = None, warm_up: bool = True):
         self.config, self.store, self.layout, self.policy = config, store, layout, policy
         # Stored keys: a quantized weight is several arrays (stagejax.quant), listed per stage.
         self.stages: list[Stage] = build_stages(config, layout, store.manifest.arrays)
@@ -170,10 +174,12 @@ class StagedDecoder:
             self.stages, policy, config)
         if any(g.kind == "fused" and g.stages[0].kind == "embed" for g in self.groups):
             raise ValueError("the embed stage must be a group of its own")
+        if kv_layout.directory is None and scratch_dir is not None:
+            kv_layout = dataclasses.replace(kv_layout, directory=scratch_dir)
         self.kv_layout = kv_layout
         if activations not in ("ram", "disk"):
             raise ValueError(f"schedule.activations must be ram or disk, got {activations!r}")
-        self.activation_store = ActivationStore() if activations == "disk" else None
+        self.activation_store = ActivationStore(scratch_dir) if activations == "disk" else None
         self.kv_block = kv_block or kv_layout.block_tokens
         self.prefill_block = prefill_block
         self.cache = HostKVCache(config, max(capacity, prefill_block), kv_layout, self.kv_block)
@@ -181,7 +187,8 @@ class StagedDecoder:
         self.prefetch_depth = prefetch_depth
         self._units = [list(g.weight_keys) for g in self.groups if streams_weights(g)]
         # Consecutive small units are read together into one slab: fewer thread hand-offs.
-        self.prefetcher = CoalescingPrefetcher(store, self._units, prefetch_depth, reader)
+        self.prefetcher = CoalescingPrefetcher(store, self._units, prefetch_depth, reader,
+                                               native_dir=native_dir)
         self._index = [jnp.asarray([stage_index_value(s, layout) for s in g.stages], jnp.int32)
                        for g in self.groups]
         # Per-group facts the hot loop needs, computed once (Group's properties recompute).
@@ -415,6 +422,8 @@ class StagedDecoder:
     # ---- running ---------------------------------------------------------------------------
 
     def _int(self, value: int) -> jax.Array:
+        """A cached int32 scalar: only for the few values passes repeat (the last real token
+        of a pass, KV block offsets), not for positions."""
         if value not in self._ints:
             self._ints[value] = jnp.int32(value)
         return self._ints[value]
@@ -472,7 +481,9 @@ class StagedDecoder:
                              f"{self.cache.capacity}")
         token_ids = np.asarray(token_ids, np.int32)
         positions = np.arange(start, start + tokens, dtype=np.int32)[None]
-        ctx = {"positions": jnp.asarray(positions), "past_len": self._int(start),
+        # past_len is a new array per pass: cached per position, one array per decoded token
+        # would stay alive for the decoder's life.
+        ctx = {"positions": jnp.asarray(positions), "past_len": jnp.int32(start),
                "last": self._int(n_real - 1)}
         if scoring:
             ctx["targets"] = jnp.asarray(np.asarray(targets, np.int32))
@@ -570,6 +581,8 @@ class StagedDecoder:
     def prefill(self, prompt_ids: Sequence[int]) -> jax.Array:
         """Run the prompt in passes of `prefill_block` tokens; returns the last token's logits."""
         prompt_ids = list(prompt_ids)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: give decode.prompt some text")
         state = None
         for start in range(0, len(prompt_ids), self.prefill_block):
             chunk = prompt_ids[start:start + self.prefill_block]

@@ -151,8 +151,9 @@ class ScheduleRun:
             self.model_predicted_s = warm_group_time(step, self.device, streamed=False, kv_on_disk=False)
         else:
             schedule, cache = settings.schedule, settings.cache
+            cache_dir = resolve_cache_dir(settings.paths.cache)
             kv_layout = KVLayout(cache.kind, cache.order, cache.block_tokens or schedule.kv_block,
-                                 cache.dtype)
+                                 cache.dtype, settings.paths.scratch or str(cache_dir / "scratch"))
             device = device_from_settings(settings.device, settings.paths.cache)
             self.checkpoint_read_bytes_per_s = None
             if settings.device.calibrated and not settings.store.drop_page_cache:
@@ -171,7 +172,8 @@ class ScheduleRun:
                 capacity=capacity, prefill_block=schedule.prefill_block,
                 prefetch_depth=schedule.prefetch_depth, sampling=sampling,
                 groups=self.planned.groups, kv_block=schedule.kv_block,
-                activations=schedule.activations, reader=settings.store.reader)
+                activations=schedule.activations, reader=settings.store.reader,
+                scratch_dir=kv_layout.directory, native_dir=str(cache_dir / "native"))
             self.n_groups = len(self.staged.groups)
             self.n_executables = self.staged.n_executables
             if progress:
@@ -311,9 +313,10 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
     if len(ids) + max_new + 1 > config.max_seq_len:
         raise ValueError(f"prompt of {len(ids)} tokens + decode.max_new_tokens={max_new} exceeds "
                          f"the model's context of {config.max_seq_len} tokens")
-    n_ctx = settings.eval.n_ctx
-    if settings.eval.ppl_chunks and n_ctx > config.max_seq_len:
-        raise ValueError(f"eval.n_ctx={n_ctx} exceeds the model's context of {config.max_seq_len}")
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens: give decode.prompt some text")
+    n_ctx = settings.eval.context(config.max_seq_len) if settings.eval.ppl_chunks else None
+    settings = dataclasses.replace(settings, eval=dataclasses.replace(settings.eval, n_ctx=n_ctx))
     sampling = SamplingConfig(settings.decode.temperature, settings.decode.top_k, settings.decode.top_p)
 
     phases.enter("convert")
@@ -411,7 +414,7 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
 
     if settings.eval.ppl_chunks:
         phases.enter("perplexity")
-        text = data.read_text(settings.eval.dataset, settings.paths.data)
+        text = data.read_text(settings.eval.dataset, settings.paths.data, settings.eval.text_mode)
         tokens = handle.tokenizer.encode(text)
         nll_fn = run.nll_fn()
         if settings.eval.procedure == "llama_cpp":
@@ -421,7 +424,8 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
                                         settings.eval.ppl_chunks, progress)
         metrics.update(ppl=result.ppl, ppl_stderr=result.ppl_stderr, ppl_chunks=result.n_chunks,
                        n_ctx=n_ctx, ppl_procedure=result.procedure,
-                       ppl_scored_tokens=result.n_scored_tokens)
+                       ppl_scored_tokens=result.n_scored_tokens,
+                       ppl_text_mode=settings.eval.text_mode)
 
     phases.enter("write")
     metrics["peak_rss_bytes"] = max(peak.overall_bytes, measure.peak_rss_bytes())

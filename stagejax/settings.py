@@ -22,6 +22,12 @@ CACHE_KINDS = ("ram", "disk")
 CACHE_DTYPES = ("float32", "bfloat16", "int8")
 CACHE_ORDERS = ("head_major", "token_major")
 EVAL_PROCEDURES = ("llama_cpp", "strided")
+# How the evaluation text becomes a string: "bytes" decodes the file's bytes as they are (as
+# llama.cpp's `perplexity -f` reads it; wiki.test.raw keeps its CRLF line ends), "text" as
+# Python's text mode does (universal newlines: CRLF and CR become LF). The two tokenize into
+# different streams: ~3% apart in SmolLM2's perplexity.
+TEXT_MODES = ("bytes", "text")
+DEFAULT_N_CTX = 512  # llama.cpp's perplexity context in the published SmolLM2 figures
 TRACKING_MODES = ("offline", "online", "disabled")
 
 
@@ -146,19 +152,34 @@ class StoreSettings:
 @dataclasses.dataclass
 class EvalSettings:
     ppl_chunks: int = 4
-    n_ctx: int = 512
+    n_ctx: Optional[int] = None  # None: DEFAULT_N_CTX, or the model's context where shorter
     procedure: str = "llama_cpp"
     stride: int = 256  # for the strided procedure only
     dataset: str = "wikitext-2/wiki.test.raw"
+    text_mode: str = "bytes"  # see TEXT_MODES
 
     def __post_init__(self):
         if self.ppl_chunks < 0:
             raise ValueError(f"eval.ppl_chunks must be >= 0 (0 skips perplexity), got {self.ppl_chunks}")
-        _check_positive("eval.n_ctx", self.n_ctx)
+        if self.n_ctx is not None:
+            _check_positive("eval.n_ctx", self.n_ctx)
+            if self.n_ctx < 4:
+                raise ValueError(f"eval.n_ctx must be at least 4 tokens, got {self.n_ctx}")
         _check_positive("eval.stride", self.stride)
         _check_choice("eval.procedure", self.procedure, EVAL_PROCEDURES)
-        if self.n_ctx < 4:
-            raise ValueError(f"eval.n_ctx must be at least 4 tokens, got {self.n_ctx}")
+        _check_choice("eval.text_mode", self.text_mode, TEXT_MODES)
+
+    def context(self, max_seq_len: int) -> int:
+        """The perplexity context for a model of `max_seq_len` tokens: `n_ctx` when set (and
+        refused when longer than the model's), else DEFAULT_N_CTX capped at the model's."""
+        if self.n_ctx is None:
+            return min(DEFAULT_N_CTX, max_seq_len)
+        if self.n_ctx > max_seq_len:
+            raise ValueError(f"eval.n_ctx={self.n_ctx} exceeds the model's context of "
+                             f"{max_seq_len} tokens; set eval.n_ctx to at most {max_seq_len}, or "
+                             f"leave it unset (eval.n_ctx=null: {DEFAULT_N_CTX}, or the model's "
+                             "context where shorter)")
+        return self.n_ctx
 
 
 @dataclasses.dataclass
@@ -171,6 +192,9 @@ class DecodeSettings:
     top_p: float = 1.0
 
     def __post_init__(self):
+        if not self.prompt and not self.chat:
+            raise ValueError("decode.prompt is empty: give it some text to continue, e.g. "
+                             "decode.prompt='Once upon a time'")
         _check_positive("decode.max_new_tokens", self.max_new_tokens)
         if self.temperature < 0:
             raise ValueError(f"decode.temperature must be >= 0, got {self.temperature}")
@@ -184,6 +208,9 @@ class DecodeSettings:
 class PathSettings:
     data: Optional[str] = None  # None: $STAGEJAX_DATA or ../shared/data from the repo root
     cache: Optional[str] = None  # None: $STAGEJAX_CACHE or ~/.cache/stagejax
+    # Where a disk KV cache and activations on disk keep their (unnamed) files; it should be on
+    # a disk, not tmpfs. None: `<paths.cache>/scratch`.
+    scratch: Optional[str] = None
 
 
 @dataclasses.dataclass

@@ -43,6 +43,8 @@ def test_every_model_preset_has_a_yaml_and_back():
     ("decode.top_p=1.5", r"decode.top_p must be in \(0, 1\]"),
     ("tracking.mode=sometimes", "tracking.mode='sometimes' is not one of"),
     ("model.name=nope", "model.name='nope' is not one of"),
+    ("decode.prompt=''", "decode.prompt is empty: give it some text"),
+    ("eval.text_mode=crlf", "eval.text_mode='crlf' is not one of: bytes, text"),
 ])
 def test_bad_values_get_a_clear_error(override, message):
     with pytest.raises(ValueError, match=message):
@@ -54,3 +56,16 @@ def test_wrong_type_and_unknown_option_are_refused():
         compose_settings(["decode.max_new_tokens=lots"])
     with pytest.raises(ConfigCompositionException, match="schedule"):
         compose_settings(["schedule=no_such_policy"])
+
+
+def test_perplexity_context_defaults_to_the_models_when_shorter():
+    """`eval.n_ctx` unset is 512 or the model's context, whichever is shorter, so the tiny
+    models run with the defaults; a value set explicitly is never shortened silently."""
+    settings = compose_settings(["model=tiny"])
+    assert settings.eval.n_ctx is None
+    assert settings.eval.context(PRESETS["tiny"].config.max_seq_len) == 97
+    assert settings.eval.context(8192) == 512
+    explicit = compose_settings(["model=tiny", "eval.n_ctx=512"])
+    with pytest.raises(ValueError, match="eval.n_ctx=512 exceeds the model's context of 97 "
+                                         "tokens; set eval.n_ctx to at most 97, or leave it unset"):
+        explicit.eval.context(97)

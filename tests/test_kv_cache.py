@@ -1,7 +1,13 @@
 """The KV cache as data: every location × order × block size × dtype stores and reads back
 exactly what `ops.kv_roundtrip` says attention sees; int8 stays within its error bound."""
 
+import dataclasses
 import itertools
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +15,8 @@ import numpy as np
 import pytest
 
 from stagejax import ops
-from stagejax.kv_cache import HostKVCache, KVLayout, stored_kv
+from stagejax.activation_store import ActivationStore
+from stagejax.kv_cache import HostKVCache, KVLayout, file_system_type, stored_kv
 from stagejax.model_config import PRESETS
 from stagejax.settings import CacheSettings, RunSettings, ScheduleSettings
 
@@ -129,3 +136,70 @@ def test_disk_reads_share_one_buffer_as_large_as_the_largest_read(dtype):
         np.testing.assert_array_equal(np.asarray(got_k), expect_k[8:16, 1:2])
     finally:
         cache.close()
+
+
+# ---- files of a disk cache --------------------------------------------------------------------
+
+DISK = KVLayout("disk", "head_major", 8, "int8")
+
+
+def test_disk_cache_files_have_no_name(tmp_path):
+    """Files are unnamed while open (O_TMPFILE, or unlinked at once), so a killed run leaves
+    nothing in the directory; reads still give back what was written."""
+    scratch = tmp_path / "scratch"
+    cache, k, v = filled_cache(dataclasses.replace(DISK, directory=str(scratch)))
+    try:
+        assert list(scratch.iterdir()) == []
+        values = cache.read_block(0, 0, CONFIG.n_kv_heads, 0, 8)[0]
+        assert np.abs(values).sum() > 0
+    finally:
+        cache.close()
+    store = ActivationStore(str(scratch))
+    try:
+        store.write(("x",), np.arange(5, dtype=np.float32))
+        np.testing.assert_array_equal(store.read(("x",)), np.arange(5, dtype=np.float32))
+        assert list(scratch.iterdir()) == []
+    finally:
+        store.close()
+
+
+@pytest.mark.skipif(file_system_type("/dev/shm") != "tmpfs", reason="no tmpfs at /dev/shm")
+def test_a_cache_on_tmpfs_says_it_is_in_ram(tmp_path):
+    directory = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        with pytest.warns(RuntimeWarning, match=f"{directory}, which is on tmpfs: that is RAM"):
+            HostKVCache(CONFIG, 24, dataclasses.replace(DISK, directory=str(directory))).close()
+    finally:
+        directory.rmdir()
+
+
+KILLED_DECODE = """
+import sys, time
+import numpy as np
+from stagejax.activation_store import ActivationStore
+from stagejax.kv_cache import HostKVCache, KVLayout
+from stagejax.model_config import PRESETS
+config = PRESETS["tiny"].config
+cache = HostKVCache(config, 64, KVLayout("disk", "head_major", 8, "int8", sys.argv[1]))
+rows = np.ones((5, config.n_kv_heads, config.head_dim), np.float32)
+cache.write(0, 0, rows, rows)
+ActivationStore(sys.argv[1]).write(("x",), rows)
+print("decoding", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("signals", [(signal.SIGTERM,), (signal.SIGKILL,)], ids=["term", "kill"])
+def test_a_killed_decode_leaves_no_files(tmp_path, signals):
+    """SLURM ends a job with SIGTERM, then SIGKILL: either way no KV or activation file stays."""
+    scratch = tmp_path / "scratch"
+    child = subprocess.Popen([sys.executable, "-c", KILLED_DECODE, str(scratch)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "decoding"
+        for sig in signals:
+            child.send_signal(sig)
+        assert child.wait(timeout=60) == -signals[-1]
+    finally:
+        child.kill()
+    assert list(scratch.iterdir()) == []

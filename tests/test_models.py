@@ -71,10 +71,13 @@ def test_generation_stops_at_eos():
     params = scaled_params(model.params)
     free = generate(model.config, params, [5, 17], 12)
     eos = free.new_ids[3]
-    stopped = generate(model.config, params, [5, 17], 12, eos_token_id=eos)
+    spell = lambda ids: " ".join(f"<{i}>" for i in ids)  # noqa: E731
+    stopped = generate(model.config, params, [5, 17], 12, eos_token_id=eos, detokenize=spell)
     first = free.new_ids.index(eos)
     assert stopped.new_ids == free.new_ids[:first + 1]
     assert stopped.stopped_at_eos
+    # The end-of-sequence token ends the text instead of being spelled out in it.
+    assert stopped.text == spell(free.new_ids[:first])
 
 
 def test_prompt_longer_than_context_is_refused():

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from stagejax import data
 from stagejax.evaluation import perplexity_llama_cpp, perplexity_strided
 
 
@@ -41,3 +42,16 @@ def test_strided_scores_every_token_once():
     result = perplexity_strided(position_nll_fn([]), tokens, n_ctx=20, stride=7, progress=False)
     assert result.n_scored_tokens == 102  # every token but the first, once
     assert math.isclose(result.mean_nll, np.arange(1, 103).mean())
+
+
+def test_text_mode_says_whether_line_ends_are_kept(tmp_path):
+    """wiki.test.raw has CRLF line ends: "bytes" (llama.cpp's -f, the default) keeps them,
+    "text" reads the file as Python's text mode does."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "lines.txt").write_bytes(b"one\r\ntwo\rthree\n")
+    assert data.read_text("corpus/lines.txt", tmp_path) == "one\r\ntwo\rthree\n"
+    as_text = data.read_text("corpus/lines.txt", tmp_path, text_mode="text")
+    assert as_text == "one\ntwo\nthree\n"
+    assert as_text == open(tmp_path / "corpus" / "lines.txt").read()
+    with pytest.raises(ValueError, match="text_mode must be one of"):
+        data.read_text("corpus/lines.txt", tmp_path, text_mode="lines")

@@ -21,13 +21,15 @@ REQUIRED_METRICS = {
 def test_main_job_on_tiny_model_writes_metrics(tmp_path):
     run_dir = tmp_path / "run"
     completed = subprocess.run(
-        [sys.executable, "-m", "stagejax.run", "model=tiny", "eval.ppl_chunks=2", "eval.n_ctx=32",
+        [sys.executable, "-m", "stagejax.run", "model=tiny", "eval.ppl_chunks=2",
          "decode.max_new_tokens=5", "tracking.mode=disabled", f"hydra.run.dir={run_dir}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert REQUIRED_METRICS <= set(metrics)
-    assert metrics["model"] == "tiny" and metrics["ppl_chunks"] == 2 and metrics["n_ctx"] == 32
+    # eval.n_ctx unset: 512, shortened to the tiny model's context of 97 tokens
+    assert metrics["model"] == "tiny" and metrics["ppl_chunks"] == 2 and metrics["n_ctx"] == 97
+    assert metrics["ppl_text_mode"] == "bytes"
     assert metrics["generated_tokens"] == 5
     assert metrics["peak_rss_bytes"] >= metrics["baseline_rss_bytes"] > 0
     assert 1 < metrics["ppl"] < 1e4

@@ -39,15 +39,17 @@ def coalesce(unit_bytes: Sequence[int], limit: int) -> list[tuple[int, int]]:
 class CoalescingPrefetcher:
     """`Prefetcher`'s interface (next / release / close, cycling over `units`), reading runs of
     consecutive units that fit one slab together. `reader`: which prefetcher reads the runs
-    (`native_stream.make_prefetcher`: "auto", "native" or "python")."""
+    (`native_stream.make_prefetcher`: "auto", "native" or "python"; `native_dir`: where the
+    C reader is compiled)."""
 
-    def __init__(self, store, units: Sequence[Sequence[str]], depth: int, reader: str = "auto"):
+    def __init__(self, store, units: Sequence[Sequence[str]], depth: int, reader: str = "auto",
+                 native_dir=None):
         self._units = [tuple(u) for u in units]
         sizes = [sum(_aligned(store.nbytes([k])) for k in unit) for unit in self._units]
         self.runs = coalesce(sizes, max(sizes) if sizes else 0)
         self._inner: Prefetcher = make_prefetcher(
             store, [[k for unit in self._units[a:b] for k in unit] for a, b in self.runs], depth,
-            reader)
+            reader, native_dir)
         self._run_of_unit = [r for r, (a, b) in enumerate(self.runs) for _ in range(a, b)]
         self._index = 0
         self._arrays: dict | None = None  # the current run's arrays (lent by the inner prefetcher)

@@ -16,16 +16,18 @@ stored form; attention dequantizes and transposes inside its executable
 (`stagejax.kv_cache.stored_kv`). Lossy dtypes are written through a `quantize` function the
 owner supplies — the very function attention's round trip uses (`stagejax.ops.kv_quantize`,
 jitted on the JAX side, an exported IREE function on a device) — so this module needs no JAX.
+
+The files have no name (`scratch_file`): nothing is left behind however the process ends.
+They go in `KVLayout.directory` (runs: `paths.scratch`), which should be on a disk: on tmpfs a
+"disk" cache is RAM after all, and a warning says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import tempfile
-from pathlib import Path
-
+import warnings
 from typing import Callable, NamedTuple
 
 import ml_dtypes
@@ -40,6 +42,60 @@ _NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes
                  "int8": np.dtype(np.int8)}
 
 
+IN_MEMORY_FILE_SYSTEMS = ("tmpfs", "ramfs")
+_warned_in_memory: set[str] = set()
+
+
+def file_system_type(path: str | os.PathLike) -> str | None:
+    """The type of the file system holding `path` (from /proc/mounts: the longest mount point
+    above it), or None where that cannot be told."""
+    real = os.path.realpath(path)
+    best, kind = "", None
+    try:
+        with open("/proc/mounts") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1].replace("\\040", " ")
+                inside = real == point or real.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, kind = point, fields[2]
+    except OSError:
+        return None
+    return kind
+
+
+def scratch_file(directory: str | os.PathLike | None, nbytes: int, what: str) -> int:
+    """A read-write file of `nbytes` in `directory` (None: the system's temporary directory)
+    that has no name, so nothing is left behind when the process ends, however it ends:
+    O_TMPFILE where the file system supports it, else a file unlinked as soon as it is open.
+    Warns (once per directory) when the directory is in RAM (tmpfs)."""
+    directory = str(directory if directory is not None else tempfile.gettempdir())
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as error:
+        raise RuntimeError(f"cannot create {directory} for {what} files ({error}); set "
+                           "paths.scratch to a writable directory on a disk") from error
+    kind = file_system_type(directory)
+    if kind in IN_MEMORY_FILE_SYSTEMS and directory not in _warned_in_memory:
+        _warned_in_memory.add(directory)
+        warnings.warn(f"{what} files go in {directory}, which is on {kind}: that is RAM, not "
+                      "disk; set paths.scratch to a directory on a disk", RuntimeWarning,
+                      stacklevel=3)
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except (OSError, AttributeError):  # no O_TMPFILE on this file system (or OS)
+        fd, name = tempfile.mkstemp(prefix="stagejax-", dir=directory)
+        os.unlink(name)
+    try:
+        os.ftruncate(fd, nbytes)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def aligned_empty(shape, dtype=np.float32) -> np.ndarray:
     """An uninitialised C-contiguous array on a 64-byte boundary (zero-copy into XLA)."""
     dtype = np.dtype(dtype)
@@ -52,7 +108,7 @@ class KVLayout:
     order: str = "head_major"  # "head_major" | "token_major"
     block_tokens: int = 128  # rows per stored block (the unit of reads)
     dtype: str = "float32"  # "float32" | "bfloat16" | "int8"
-    directory: str | None = None  # disk: where the per-layer files go (default: a temp dir)
+    directory: str | None = None  # disk: where the (unnamed) files go; None: the system's temp dir
 
     def __post_init__(self):
         if self.location not in KV_LOCATIONS:
@@ -141,7 +197,6 @@ class HostKVCache:
         self._last_read: tuple | None = None
         self._read_plans: dict[tuple, tuple] = {}
         self.reads_reused = 0
-        self._tmpdir = None
         if layout.dtype != "float32" and quantize is None:
             raise ValueError(f"a {layout.dtype} KV cache needs the quantize function its reads "
                              "are dequantized with")
@@ -151,21 +206,16 @@ class HostKVCache:
             self._scales = ([np.zeros((self.n_blocks,) + self.scale_block_shape, np.float32)
                              for _ in range(config.n_layers)] if layout.quantized else None)
         else:
-            directory = layout.directory
-            if directory is None:
-                directory = self._tmpdir = tempfile.mkdtemp(prefix="stagejax-kv-")
-            Path(directory).mkdir(parents=True, exist_ok=True)
-            self._fds = [self._open(directory, f"kv_L{i}.bin", int(np.prod(self.layer_shape)) * self.itemsize)
-                         for i in range(config.n_layers)]
-            self._scale_fds = ([self._open(directory, f"kv_L{i}.scales.bin",
-                                           self.n_blocks * int(np.prod(self.scale_block_shape)) * 4)
-                                for i in range(config.n_layers)] if layout.quantized else None)
-
-    @staticmethod
-    def _open(directory, name: str, nbytes: int) -> int:
-        fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-        os.ftruncate(fd, nbytes)
-        return fd
+            self._fds, self._scale_fds = [], None
+            try:
+                self._fds = [scratch_file(layout.directory, int(np.prod(self.layer_shape)) * self.itemsize,
+                                          "KV cache") for _ in range(config.n_layers)]
+                if layout.quantized:
+                    self._scale_fds = [scratch_file(layout.directory, self.n_blocks * int(np.prod(
+                        self.scale_block_shape)) * 4, "KV cache") for _ in range(config.n_layers)]
+            except BaseException:
+                self.close()
+                raise
 
     # ---- sizes -----------------------------------------------------------------------------
 
@@ -362,9 +412,6 @@ class HostKVCache:
             for fd in self._fds + (self._scale_fds or []):
                 os.close(fd)
             self._fds, self._scale_fds = [], None
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
 
     def __del__(self):
         try:

@@ -27,6 +27,7 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_CHECKSUM = "xxh3_64"
+CHECKPOINTS = "checkpoints"  # the directory of `paths.cache` that holds converted checkpoints
 
 
 def checksum_function(name: str) -> Callable[[memoryview], int]:
@@ -163,7 +164,7 @@ class Manifest:
         if version != FORMAT_VERSION:
             raise CheckpointError(
                 f"{directory}: checkpoint format version {version!r}, but this stagejax reads "
-                f"version {FORMAT_VERSION}; convert the model again (python -m stagejax.convert)")
+                f"version {FORMAT_VERSION}")
         try:
             return cls(
                 format_version=version,
@@ -196,3 +197,30 @@ class Manifest:
                              for k in ours if ours[k] != theirs[k])
             raise CheckpointError(f"{where}: checkpoint of another model "
                                   f"({self.model_name!r}): {diff}")
+
+
+def convert_command(manifest: Manifest, cache_dir: Path | None) -> str:
+    """The `python -m stagejax.convert` command that writes this checkpoint."""
+    conversion = manifest.conversion
+    args = [f"model={manifest.model_name}", f"quant={conversion['quant']}",
+            f"ffn_chunks={conversion['ffn_chunks']}",
+            f"vocab_chunk={conversion['vocab_chunk'] or 'null'}",
+            f"checksum={conversion['checksum']}"]
+    if manifest.source.get("format") == "hf" and manifest.source.get("path"):
+        args.append(f"model.path={manifest.source['path']}")
+    if cache_dir is not None:
+        args.append(f"paths.cache={cache_dir}")
+    return "python -m stagejax.convert " + " ".join(args)
+
+
+def remedy(path: Path) -> str:
+    """What to do about the unusable checkpoint at `path`: remove it, then convert again —
+    with the exact command when its manifest can still be read."""
+    cache_dir = path.parent.parent if path.parent.name == CHECKPOINTS else None
+    clean = f"python -m stagejax.cache clean {path}"
+    try:
+        manifest = Manifest.read(path)
+    except CheckpointError:
+        return (f"remove it ({clean}); the next run converts the model again (or: python -m "
+                "stagejax.convert with the run's model, quant and chunking)")
+    return f"replace it: {clean} && {convert_command(manifest, cache_dir)}"

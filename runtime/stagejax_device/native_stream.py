@@ -69,13 +69,17 @@ def _compile(target: Path) -> None:
         os.replace(built, target)  # atomic: a concurrent process sees no half-written library
 
 
-def library():
-    """The compiled reader (ctypes CDLL), or None if it cannot be built (`library_error()`)."""
+def library(build_dir: str | os.PathLike | None = None):
+    """The compiled reader (ctypes CDLL), or None if it cannot be built (`library_error()`).
+
+    Compiled on first use into `build_dir` (runs: `${paths.cache}/native`; None:
+    `$STAGEJAX_CACHE/native` or `~/.cache/stagejax/native`); a process loads it once."""
     global _library, _library_error
     with _library_lock:
         if _library is None and _library_error is None:
             digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]
-            target = default_cache_dir() / "native" / f"stream-{digest}.so"
+            directory = Path(build_dir) if build_dir is not None else default_cache_dir() / "native"
+            target = directory / f"stream-{digest}.so"
             try:
                 if not target.exists():
                     _compile(target)
@@ -103,17 +107,20 @@ def library_error() -> str | None:
 READERS = ("auto", "native", "python")
 
 
-def uses_native(store_or_verify, depth: int, reader: str = "auto") -> bool:
+def uses_native(store_or_verify, depth: int, reader: str = "auto",
+                native_dir: str | os.PathLike | None = None) -> bool:
     """Whether `make_prefetcher` picks the C reader (a store, or its verify mode)."""
     verify = getattr(store_or_verify, "verify", store_or_verify)
     applies = depth >= 1 and verify != "read"
-    return reader == "native" or (reader == "auto" and applies and library() is not None)
+    return reader == "native" or (reader == "auto" and applies and library(native_dir) is not None)
 
 
-def make_prefetcher(store, units: Sequence[Sequence[str]], depth: int, reader: str = "auto"):
+def make_prefetcher(store, units: Sequence[Sequence[str]], depth: int, reader: str = "auto",
+                    native_dir: str | os.PathLike | None = None):
     """The prefetcher for `units`: `NativePrefetcher` ("native"), the Python thread's
     `weight_store.Prefetcher` ("python"), or "auto": native where it applies (depth >= 1, no
-    per-read checksums) and the C reader is available, else Python."""
+    per-read checksums) and the C reader is available, else Python. `native_dir`: where the
+    C reader is compiled (`library`)."""
     if reader not in READERS:
         raise ValueError(f"store.reader must be one of {READERS}, got {reader!r}")
     if reader == "native":
@@ -121,8 +128,9 @@ def make_prefetcher(store, units: Sequence[Sequence[str]], depth: int, reader: s
             raise ValueError("store.reader=native needs schedule.prefetch_depth >= 1 and "
                              f"store.verify other than 'read' (got depth {depth}, verify "
                              f"{store.verify!r}); use store.reader=python or auto")
+        library(native_dir)
         return NativePrefetcher(store, units, depth)
-    if uses_native(store, depth, reader):
+    if uses_native(store, depth, reader, native_dir):
         return NativePrefetcher(store, units, depth)
     return store.prefetcher(units, depth)
 

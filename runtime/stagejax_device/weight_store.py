@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from stagejax_device.manifest import ArrayInfo, CheckpointError, Manifest, checksum_function
+from stagejax_device.manifest import ArrayInfo, CheckpointError, Manifest, checksum_function, remedy
 
 VERIFY_MODES = ("open", "read", "off")
 ALIGN_BYTES = 64  # jax.device_put of a 64-byte-aligned host array is zero-copy on CPU
@@ -81,7 +81,10 @@ class WeightStore:
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify={verify!r} is not one of {VERIFY_MODES}")
         self.path = Path(path)
-        self.manifest = Manifest.read(self.path)
+        try:
+            self.manifest = Manifest.read(self.path)
+        except CheckpointError as error:
+            raise CheckpointError(f"{error}; {remedy(self.path)}") from None
         self.manifest.check_matches(expect_config, expect_model)
         self.verify = verify
         self._verify_reads = verify == "read"
@@ -105,6 +108,9 @@ class WeightStore:
                 self.verify_all()
             if drop_page_cache:
                 self.drop_page_cache()
+        except CheckpointError as error:  # a damaged checkpoint: say how to replace it
+            self.close()
+            raise CheckpointError(f"{error}; {remedy(self.path)}") from None
         except BaseException:
             self.close()
             raise
@@ -115,14 +121,14 @@ class WeightStore:
             fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise CheckpointError(f"array {info.key!r} is missing: no file {file}; the checkpoint "
-                                  "is incomplete, delete it and convert again") from None
+                                  "is incomplete") from None
         size = os.fstat(fd).st_size
         if size != info.nbytes:
             os.close(fd)
             raise CheckpointError(
                 f"array {info.key!r}: {file} has {size} bytes, the manifest says {info.nbytes} "
                 f"({'truncated' if size < info.nbytes else 'wrong size'}); the checkpoint is "
-                "corrupt, delete it and convert again")
+                "corrupt")
         return _Entry(info, fd, file)
 
     # -- reading ---------------------------------------------------------------------------

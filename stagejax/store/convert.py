@@ -3,7 +3,9 @@
 A checkpoint lives at `${paths.cache}/checkpoints/<model>-<quant>-<hash>`; the hash covers the
 source's sha256, the conversion parameters and the format version, so converting the same
 inputs again finds it instead of writing it again. It is written to a temporary directory beside
-it and renamed on success: a failed or interrupted conversion leaves nothing that looks finished.
+it and renamed on success, one process at a time; a failed, interrupted or killed conversion
+leaves nothing behind (`stagejax.store.checkpoints` says how), and an unusable checkpoint
+(another format version, a corrupt manifest, a missing array file) is converted again.
 
 The arrays are saved by orbax without OCDBT, as zarr v2 without compression: each array is one
 directory holding one raw, C-order chunk file, which `WeightStore` reads directly. After saving,
@@ -14,15 +16,15 @@ and checksummed into the manifest. Plain orbax restores the directory:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -30,18 +32,20 @@ from stagejax import quant as quantization
 from stagejax.loading import ModelHandle, open_model
 from stagejax.model_config import ModelConfig
 from stagejax.settings import ModelSettings, PathSettings, QuantSettings
+from stagejax.store import checkpoints
 from stagejax.store.layout import (QUANT_SCHEMES, ffn_chunk_bounds, flatten, nest,
                                    normalize_vocab_chunk, shard_arrays, stored_arrays,
                                    vocab_chunk_bounds)
+from stagejax_device.manifest import (DEFAULT_CHECKSUM, FORMAT_VERSION, TOKENIZER_FILE,
+                                     ArrayInfo, CheckpointError, Manifest, checksum_function)
 from stagejax_device.paths import default_cache_dir
-from stagejax_device.manifest import (DEFAULT_CHECKSUM, FORMAT_VERSION, MANIFEST_FILE,
-                                     TOKENIZER_FILE, ArrayInfo, CheckpointError, Manifest,
-                                     checksum_function)
 
 # Checksum granularity. 64 KiB: a one-row embedding read verifies ~28 SmolLM2 rows (~10 µs of
 # crc32, ~3 µs of xxh3), while a 3.5 MB FFN matrix needs only 54 checksums.
 DEFAULT_CHECKSUM_BLOCK_BYTES = 64 * 1024
 HASH_CHARS = 16  # of the sha256 hex digest in the directory name: 64 bits, no accidental clashes
+
+log = logging.getLogger(__name__)
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
@@ -178,6 +182,12 @@ def convert_checkpoint(handle: ModelHandle, cache_dir: str | os.PathLike | None 
                        checksum: str = DEFAULT_CHECKSUM) -> Path:
     """Convert `handle`'s weights to a stage-shard checkpoint, or find the cached one.
 
+    A cached checkpoint is used when its manifest is readable, of this format version and
+    model, and every array file is there at its size (`checkpoints.problem`); otherwise it is
+    converted again and replaced. One process converts a checkpoint at a time (others wait
+    for it, then use its result); the work happens in a temporary directory that is removed
+    however the conversion ends (`stagejax.store.checkpoints`).
+
     Args:
       handle: from `stagejax.loading.open_model` (GGUF, HF directory or random preset).
       cache_dir: `paths.cache`; None: `$STAGEJAX_CACHE` or `~/.cache/stagejax`.
@@ -190,37 +200,69 @@ def convert_checkpoint(handle: ModelHandle, cache_dir: str | os.PathLike | None 
       checksum: "xxh3_64" (fast; needs xxhash) or "crc32" (zlib).
     Returns:
       The checkpoint directory (orbax-restorable, with `manifest.json` and `tokenizer.json`).
+    Raises:
+      CacheDirError: `paths.cache` cannot be written (read-only, not a directory, full).
     """
     conversion = conversion_params(handle.config, ffn_chunks, vocab_chunk, quant,
                                    checksum_block_bytes, checksum)
     check_source(handle, quant)
     source = _Source(handle)
     final = _final_path(handle, source.identity(), conversion, cache_dir)
-    if (final / MANIFEST_FILE).is_file():
-        Manifest.read(final).check_matches(handle.config, handle.name)
+    if final.is_dir() and checkpoints.problem(final, handle.config, handle.name) is None:
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp_root = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    cache = resolve_cache_dir(cache_dir)
+    directory = checkpoints.make_dir(final.parent, cache)
+    lock = checkpoints.CheckpointLock(directory, final.name)
+    staging = None
     try:
-        staged = tmp_root / "checkpoint"
-        write_checkpoint(staged, handle.name, handle.config, handle.tokenizer,
-                         source.stored_params(quant), source.identity(), conversion, progress)
-        try:
+        lock.acquire(on_wait=lambda holder: log.warning(
+            "waiting for %s, which is converting %s", holder, final.name))
+        checkpoints.remove_stale(directory, own=final.name)
+        if final.is_dir():  # converted meanwhile by the process we waited for, or unusable
+            reason = checkpoints.problem(final, handle.config, handle.name)
+            if reason is None:
+                return final
+            log.warning("%s is unusable (%s): converting it again", final, reason)
+        stored = source.stored_params(quant)
+        checkpoints.check_free_space(directory, _stored_bytes(stored), cache)
+        staging = checkpoints.Staging(directory, final.name, lock)
+        with staging:
+            staged = staging.root / "checkpoint"
+            write_checkpoint(staged, handle.name, handle.config, handle.tokenizer, stored,
+                             source.identity(), conversion, progress, run_save=staging.run_writer)
+            if final.exists():  # the unusable one: into the temporary, removed with it
+                os.rename(final, staging.root / "replaced")
             os.rename(staged, final)
-        except OSError:
-            if not (final / MANIFEST_FILE).is_file():  # else another process converted it first
-                raise
+    except (OSError, ValueError) as error:
+        friendly = checkpoints.cache_dir_error(cache, error, f"write the checkpoint {final.name}")
+        if friendly is None:
+            raise
+        raise friendly from error
     finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
+        if staging is None:
+            lock.release()
     return final
+
+
+def _stored_bytes(params: dict) -> int:
+    """Bytes a checkpoint of these (stored-form) parameters writes, metadata included."""
+    nested = any(isinstance(v, dict) for v in params.values())
+    leaves = list((flatten(params) if nested else params).values())
+    data = sum(v.nbytes if isinstance(v, quantization.QuantizedMatrix) else int(np.asarray(v).nbytes)
+               for v in leaves)
+    return data + len(leaves) * checkpoints.PER_ARRAY_OVERHEAD_BYTES
 
 
 def write_checkpoint(directory: Path, model_name: str, config: ModelConfig, tokenizer,
                      params: dict, source: dict, conversion: dict,
-                     progress: bool = True) -> Manifest:
+                     progress: bool = True,
+                     run_save: Callable[[Callable[[], None]], None] | None = None) -> Manifest:
     """Write the checkpoint into `directory` (which must not exist). `params`: flat or nested,
-    float32 or already quantized as `conversion["quant"]` stores it (`_Source.stored_params`)."""
-    import orbax.checkpoint as ocp
+    float32 or already quantized as `conversion["quant"]` stores it (`_Source.stored_params`).
+    `run_save(save)` runs orbax's save (default: `save()`); `convert_checkpoint` passes
+    `Staging.run_writer`, so an interrupt during the save returns at once."""
+    with _quiet_absl():  # orbax logs its handler registry when imported
+        import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
 
     start_s = time.perf_counter()
@@ -240,9 +282,15 @@ def write_checkpoint(directory: Path, model_name: str, config: ModelConfig, toke
         bar.update(sum(a.nbytes for a in arrays.values()))
 
     bar.set_description(f"convert {model_name}: orbax save")
-    # No OCDBT, no compression, zarr v2: one raw C-order chunk file per array, read directly.
-    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False, use_compression=False)
-    ocp.Checkpointer(handler).save(directory.absolute(), nest(stored))
+    def save():
+        with _quiet_absl():
+            # No OCDBT, no compression, zarr v2: one raw C-order chunk file per array, read
+            # directly.
+            handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False,
+                                                  use_compression=False)
+            ocp.Checkpointer(handler).save(directory.absolute(), nest(stored))
+
+    (run_save or (lambda f: f()))(save)
     os.sync()  # durable before the rename, and clean pages so drop_page_cache can drop them
     bar.update(total_bytes)
 
@@ -273,6 +321,20 @@ def write_checkpoint(directory: Path, model_name: str, config: ModelConfig, toke
         path=directory)
     manifest.write(directory)
     return manifest
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """orbax logs its save path through absl: ~50 INFO lines per save under hydra's logging,
+    a WARNING about OCDBT merges we do not use, and one ERROR traceback per writer thread when
+    a write fails (the failure itself reaches the caller as an exception)."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def array_dir(key: str) -> str:

@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""What a new user's first run of the main job measures, and what a later run measures.
+
+    scripts/first_and_later_run.py --cache /tmp/fresh-cache --out experiments/results/first_and_later_run
+
+Runs `python -m stagejax.run paths.cache=<cache> <overrides>` twice, each in a fresh process,
+with `--cache` empty at the start (it must not exist): the first run converts the model to
+stage shards, calibrates this machine's roofline, compiles the C weight reader and every
+executable — the work a fresh clone does once — and the second finds all of that cached.
+Writes `summary.json` and `summary.md` (the headline metrics of both runs, the load average
+while each ran) into `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = ("decode_tokens_per_s", "peak_rss_decode_bytes", "planned_peak_bytes", "ppl", "compile_s",
+        "wall_s", "time_to_first_token_s")
+
+
+def run_once(cache: Path, run_dir: Path, overrides: list[str]) -> dict:
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "stagejax.run", f"paths.cache={cache}",
+                    "tracking.mode=disabled", f"hydra.run.dir={run_dir}", *overrides],
+                   cwd=REPO, check=True)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {**{k: metrics.get(k) for k in KEYS},
+            "process_s": time.perf_counter() - start,
+            "load_average_1min": [load_before, os.getloadavg()[0]]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cache", required=True, help="a paths.cache that does not exist yet")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("overrides", nargs="*", help="more overrides for both runs")
+    args = parser.parse_args()
+    cache, out = Path(args.cache), Path(args.out)
+    if cache.exists():
+        parser.error(f"--cache {cache} exists: a first run needs an empty cache")
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {name: run_once(cache, cache.parent / f"{cache.name}-{name}-run", args.overrides)
+            for name in ("first", "later")}
+    summary = {"command": "python -m stagejax.run " + " ".join(args.overrides),
+               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+               "cpus": os.cpu_count(), "runs": runs}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    mb = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
+    lines = [f"# First and later run of the main job ({summary['date_utc']} UTC)", "",
+             f"`scripts/first_and_later_run.py` — `{summary['command'].strip()}` twice with a new "
+             "`paths.cache`, each in a fresh process. The first run converts the model, calibrates "
+             "the roofline, compiles the C reader and every executable; the later run finds them "
+             "cached. Load average: the 1-minute figure before and after each run (this VM has "
+             f"{summary['cpus']} CPUs and is shared).", "",
+             "| run | decode tokens/s | decode above baseline MB | planned MB | PPL | compile s | "
+             "process s | load average |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name, r in runs.items():
+        lines.append(f"| {name} | {r['decode_tokens_per_s']:.2f} | {mb(r['peak_rss_decode_bytes'])} | "
+                     f"{mb(r['planned_peak_bytes'])} | {r['ppl']:.4f} | {r['compile_s']:.1f} | "
+                     f"{r['process_s']:.0f} | {r['load_average_1min'][0]:.1f} → "
+                     f"{r['load_average_1min'][1]:.1f} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
