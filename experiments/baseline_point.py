@@ -33,10 +33,10 @@ MIB = 2**20
 JOB = ["model=smollm2_135m", "eval.ppl_chunks=0", "decode.max_new_tokens=8", "tracking.mode=disabled"]
 
 
-def run(label: str, tree: Path, schedule: str, out: Path, extra: list[str] = ()) -> dict:
-    run_dir = out / label.replace(", ", "_").replace(" ", "_") / schedule
+def run(label: str, tree: Path, schedule: str, out: Path, extra: list[str] = (), entry=None) -> dict:
+    run_dir = out / label.replace(", ", "_").replace(" ", "_").replace("'", "") / schedule
     env = dict(os.environ, PYTHONPATH=str(tree))
-    command = [sys.executable, "-m", "stagejax.run", *JOB, f"schedule={schedule}", *extra,
+    command = [sys.executable, *(entry or ["-m", "stagejax.run"]), *JOB, f"schedule={schedule}", *extra,
                f"hydra.run.dir={run_dir}"]
     done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -48,7 +48,29 @@ def run(label: str, tree: Path, schedule: str, out: Path, extra: list[str] = ())
             "compile_s": metrics["compile_s"]}
 
 
+def child_rev_point(overrides: list[str]) -> int:
+    """`python -m stagejax.run` with `model`'s warm-up moved back after the baseline, where the
+    earlier revision ran it (inside `load`, on the real weights)."""
+    from stagejax import decode, experiment, run as entry
+
+    warm_up = decode.MonolithicDecoder.warm_up
+    load = experiment.ScheduleRun.load
+    decode.MonolithicDecoder.warm_up = lambda self, params: 0.0
+
+    def load_then_warm_up(self):
+        load(self)
+        if self.params is not None:
+            warm_up(self.decoder, self.params)
+
+    experiment.ScheduleRun.load = load_then_warm_up
+    sys.argv = [sys.argv[0], *overrides]
+    entry.main()
+    return 0
+
+
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-rev-point":
+        return child_rev_point(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rev", required=True, help="the earlier revision (e.g. 856e6a7)")
     parser.add_argument("--rounds", type=int, default=3)
@@ -69,6 +91,10 @@ def main() -> int:
                 records.append(run("rev", old, schedule, out) | {"round": round_index})
                 records.append(run("tree, no cache", REPO, schedule, out, ["compile_cache=false"])
                                | {"round": round_index})
+                if schedule == "model":  # the same code, its baseline taken where `rev` took it
+                    records.append(run("tree, rev's point", REPO, schedule, out, ["compile_cache=false"],
+                                       [str(Path(__file__).resolve()), "--child-rev-point"])
+                                   | {"round": round_index})
                 shutil.rmtree(xla_cache, ignore_errors=True)
                 records.append(run("tree, compiling", REPO, schedule, out) | {"round": round_index})
                 records.append(run("tree, cached", REPO, schedule, out) | {"round": round_index})
@@ -76,20 +102,24 @@ def main() -> int:
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=REPO, capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
-    labels = ["rev", "tree, no cache", "tree, compiling", "tree, cached"]
+    labels = ["rev", "tree, rev's point", "tree, no cache", "tree, compiling", "tree, cached"]
     lines = ["# Runtime baseline: this tree against an earlier revision", "",
              f"`python experiments/baseline_point.py --rev {args.rev} --rounds {args.rounds}` "
              f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}): SmolLM2-135M float32, "
              f"{' '.join(JOB[1:])}; every run a fresh process, rounds interleaved; medians (every "
              "round in brackets), MiB = 2^20 bytes. `rev` measured its baseline before `model`'s "
              "warm-up; this tree measures it after every schedule's warm-up. \"no cache\": "
-             "`compile_cache=false` (no persistent compilation cache, as `rev`); \"compiling\": "
+             "`compile_cache=false` (no persistent compilation cache, as `rev`); \"rev's point\": the "
+             "same, with `model`'s warm-up moved back after the baseline (the measurement point "
+             "alone, as `rev` placed it); \"compiling\": "
              "the cache emptied first, filled by this run; \"cached\": filled by the run before.", "",
              "| schedule | run | baseline MiB | decode peak MiB (whole process) | compile s |",
              "|---|---|---:|---:|---:|"]
     for schedule in schedules:
         for label in labels:
             rows = [r for r in records if r["schedule"] == schedule and r["label"] == label]
+            if not rows:
+                continue
             base = [r["baseline_rss_bytes"] / MIB for r in rows]
             peak = [r["decode_peak_rss_bytes"] / MIB for r in rows]
             comp = [r["compile_s"] for r in rows]

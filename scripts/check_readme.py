@@ -69,6 +69,15 @@ EXEMPT = {
     ".venv/bin/python scripts/memcap.py --budget-mb 4 --margin-mb 16 -- schedule=atomic cache=disk":
         "needs a usable cgroup memory controller; tests/test_harness.py runs this command on the "
         "tiny model where there is one",
+    ".venv/bin/python -m stagejax.export quant=gguf_native cache=disk export.out=outputs/bundles/smollm2-q4":
+        "compiles SmolLM2's programs with IREE (~1 minute); tests/test_device_runtime.py exports "
+        "and runs tiny bundles of every weight format, fixed and budget plans",
+    ".venv/bin/stagejax-device outputs/bundles/smollm2-q4 --prompt \"The capital of France is\" --max-new-tokens 32":
+        "needs the bundle above; tests/test_device_runtime.py runs the CLI from a fresh virtual "
+        "environment without jax",
+    ".venv/bin/python experiments/device_parity.py quant=gguf_native cache=disk":
+        "a benchmark on SmolLM2 (export, the main job and the runtime, minutes); its parts are "
+        "tested on the tiny model in tests/test_device_runtime.py",
     ".venv/bin/python -m stagejax.cache verify NAME":
         "needs a checkpoint's name; tests/test_cache.py verifies and cleans real ones",
     ".venv/bin/python -m stagejax.cache clean NAME":

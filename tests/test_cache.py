@@ -262,7 +262,7 @@ def test_a_write_that_runs_out_of_space_is_named(tmp_path, monkeypatch):
 def test_the_c_reader_is_built_under_paths_cache(tmp_path):
     """In a fresh process (a process loads the reader once): built where the run's
     paths.cache says, not under $STAGEJAX_CACHE."""
-    code = ("import sys; from stagejax.store import native_stream; "
+    code = ("import sys; from stagejax_device import native_stream; "
             "assert native_stream.library(sys.argv[1]) is not None, native_stream.library_error()")
     env = {**os.environ, "STAGEJAX_CACHE": str(tmp_path / "elsewhere")}
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache" / "native")],
