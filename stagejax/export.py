@@ -78,7 +78,10 @@ def describe(program: Program) -> dict:
     """The flattened call of an exported program: the order IREE takes its arguments in and
     returns its results in (jax.export flattens pytrees the same way)."""
     outputs = jax.eval_shape(program.fn, *program.specs)
-    return {"inputs": _leaves(tuple(program.specs)), "outputs": _leaves(outputs)}
+    inputs = _leaves(tuple(program.specs))
+    for leaf in inputs:  # a donated argument's buffer may become a result's: never lend it
+        leaf["donated"] = leaf["path"][0] in program.donate_argnums
+    return {"inputs": inputs, "outputs": _leaves(outputs)}
 
 
 def extra_programs(decoder: StagedDecoder, kv_layout: KVLayout, capacity: int) -> list[Program]:

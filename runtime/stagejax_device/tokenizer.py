@@ -152,7 +152,7 @@ class Tokenizer:
             return cached
         ids = [i for i in (self._byte_ids[b] for b in piece) if i >= 0]
         keys, values = self._pair_keys, self._pair_values
-        while len(ids) > 1:
+        while len(ids) > 1 and len(keys):
             array = np.asarray(ids, np.int64)
             pairs = (array[:-1] << 32) | array[1:]
             at = np.minimum(np.searchsorted(keys, pairs), len(keys) - 1)
