@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from stagejax.loading import open_model
 from stagejax.models import init_params
+from stagejax.store import checkpoints
 from stagejax.store import convert as convert_module
 
 
@@ -38,6 +40,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("cache")
     parser.add_argument("--hold")
+    parser.add_argument("--stall-after-save", action="store_true",
+                        help="the writer thread stalls once orbax has written every file, so a "
+                             "signal surely arrives while the conversion is unfinished")
     args = parser.parse_args()
     wrote = []
     write, describe = convert_module.write_checkpoint, convert_module._describe_stored
@@ -57,6 +62,18 @@ def main():
         return describe(*a, **k)
 
     describe_stored.said = False
+    if args.stall_after_save:
+        run_writer = checkpoints.Staging.run_writer
+
+        def stalled(self, write):
+            def write_then_stall():
+                value = write()
+                print("saved", flush=True)
+                threading.Event().wait()  # a daemon thread: gone when the process ends
+                return value
+            return run_writer(self, write_then_stall)
+
+        checkpoints.Staging.run_writer = stalled
     convert_module.write_checkpoint = write_checkpoint
     convert_module._describe_stored = describe_stored
     path = convert_module.convert_checkpoint(many_arrays_handle(), args.cache, ffn_chunks=16,

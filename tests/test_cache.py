@@ -92,11 +92,12 @@ def test_an_interrupted_conversion_leaves_nothing_behind(tmp_path, sig, point):
     """Ctrl-C, SLURM's SIGTERM or a SIGKILL while orbax writes (or while its files are
     checksummed): no temporary, lock or half checkpoint survives the process."""
     cache = tmp_path / "cache"
-    child = start_child(cache)
+    # "save": the writer stalls after orbax's files are written, so the signal cannot come late
+    child = start_child(cache, *(["--stall-after-save"] if point == "save" else []))
     try:
-        read_until(child.stdout, "writing" if point == "save" else "checksum")
-        if point == "save":  # orbax's writer threads have started writing array files
-            assert wait_for(lambda: orbax_files(cache) >= 100), "orbax wrote nothing"
+        read_until(child.stdout, "saved" if point == "save" else "checksum")
+        if point == "save":
+            assert orbax_files(cache) >= 100, "orbax wrote nothing"
         child.send_signal(sig)
         assert child.wait(timeout=60) == -sig
     finally:

@@ -165,7 +165,7 @@ def resident_params(store: WeightStore):
     m = store.manifest
     arrays = store.read(m.keys)
     params = jax.tree_util.tree_map(jnp.array, assemble_params(
-        arrays, m.config, m.ffn_chunk_bounds, m.vocab_chunk_bounds))
+        arrays, ModelConfig.from_dict(m.config), m.ffn_chunk_bounds, m.vocab_chunk_bounds))
     store.release(arrays)
     spec = params_spec(m)
     assert (jax.tree_util.tree_structure(spec) == jax.tree_util.tree_structure(params)
