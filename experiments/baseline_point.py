@@ -68,6 +68,17 @@ def child_rev_point(overrides: list[str]) -> int:
     return 0
 
 
+def previous_records(runs_file: Path, rev: str, schedules: list[str]) -> list[dict]:
+    """Rows of schedules not measured in this invocation, kept from the last one against the
+    same revision (so `--schedules model` refreshes `model`'s rows and keeps `atomic`'s)."""
+    if not runs_file.exists():
+        return []
+    previous = json.loads(runs_file.read_text())
+    if previous.get("rev") != rev:
+        return []
+    return [r for r in previous["runs"] if r["schedule"] not in schedules]
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child-rev-point":
         return child_rev_point(sys.argv[2:])
@@ -102,6 +113,9 @@ def main() -> int:
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=REPO, capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
+    kept = previous_records(args.results / "runs.json", args.rev, schedules)
+    records = kept + records
+    schedules = sorted({r["schedule"] for r in records}, key=lambda name: name != "model")
     labels = ["rev", "tree, rev's point", "tree, no cache", "tree, compiling", "tree, cached"]
     lines = ["# Runtime baseline: this tree against an earlier revision", "",
              f"`python experiments/baseline_point.py --rev {args.rev} --rounds {args.rounds}` "
@@ -112,7 +126,9 @@ def main() -> int:
              "`compile_cache=false` (no persistent compilation cache, as `rev`); \"rev's point\": the "
              "same, with `model`'s warm-up moved back after the baseline (the measurement point "
              "alone, as `rev` placed it); \"compiling\": "
-             "the cache emptied first, filled by this run; \"cached\": filled by the run before.", "",
+             "the cache emptied first, filled by this run; \"cached\": filled by the run before." +
+             (f" Rows of {', '.join(sorted({r['schedule'] for r in kept}))} are kept from an earlier "
+              "invocation against the same revision." if kept else ""), "",
              "| schedule | run | baseline MiB | decode peak MiB (whole process) | compile s |",
              "|---|---|---:|---:|---:|"]
     for schedule in schedules:

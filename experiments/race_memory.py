@@ -172,6 +172,7 @@ def display(command: list[str], python: str, run_dir: Path) -> str:
             skip = True
             continue
         part = "python" if part == python else part.replace(str(REPO) + "/", "")
+        part = part.replace(str(REPO.parent / "shared") + "/", "../shared/")  # the data beside the repo
         shown.append(part)
     return shlex.join(shown)
 
@@ -263,23 +264,27 @@ def csv_text(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], contestants: list[Contestant], path: Path) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     fig = Figure(figsize=(7.5, 5), layout="constrained")
     ax = fig.add_subplot()
     floor = min([r["decode_tokens_per_s"] for r in rows if r["decode_tokens_per_s"]] or [1.0]) / 3
-    for c in contestants:
+    for index, c in enumerate(contestants):
         mine = sorted((r for r in rows if r["contestant"] == c.name), key=lambda r: r["cap_mib"])
         done = [r for r in mine if r["decode_tokens_per_s"]]
         line, = ax.plot([r["cap_mib"] for r in done], [r["decode_tokens_per_s"] for r in done], "o-", label=c.name)
         failed = [r for r in mine if not r["decode_tokens_per_s"]]
-        ax.scatter([r["cap_mib"] for r in failed], [floor] * len(failed), marker="x", color=line.get_color())
+        # One row of crosses per contestant, so a contestant's failures are not hidden by another's.
+        ax.scatter([r["cap_mib"] for r in failed], [floor * 0.8 ** index] * len(failed), marker="x",
+                   color=line.get_color())
     ax.set_xscale("log")
     ax.set_yscale("log")
     caps = sorted({r["cap_mib"] for r in rows})
     ax.set_xticks(caps, [str(c) for c in caps])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("whole-process memory cap, MiB (cgroup from exec, page cache dropped)")
     ax.set_ylabel("decode tokens/s (median of rounds)")
-    ax.set_title("Equal-memory race (x on the bottom line: did not complete)")
+    ax.set_title("Equal-memory race (x below the lines: did not complete)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)

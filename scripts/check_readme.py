@@ -66,6 +66,15 @@ EXEMPT = {
         "in tests/test_report.py (joblib) and tests/test_harness.py (submitit)",
     ".venv/bin/python -m stagejax.report multirun/<date>/<time>":
         "needs a sweep's directory; tests/test_report.py reports on one",
+    ".venv/bin/python scripts/memcap.py --from-start --cap-mb 512 -- schedule=atomic quant=gguf_native cache=disk":
+        "needs a writable cgroup memory controller and drops the machine's page cache (root); "
+        "tests/test_memory_metrics.py runs --from-start on the tiny model where there is one",
+    ".venv/bin/python scripts/memcap.py --from-start --find-min -- schedule=atomic quant=gguf_native cache=disk eval.ppl_chunks=0":
+        "bisects with several capped SmolLM2 runs (minutes) and needs a writable cgroup memory "
+        "controller; its parts run in tests/test_memory_metrics.py",
+    '.venv/bin/python experiments/race_memory.py --rounds 3 --time-limit-s 180 --device "stagejax device atomic Q4_1=outputs/bundles/smollm2-atomic-q4-disk"':
+        "a benchmark of ~20 minutes that needs llama-cpp-python (the optional peers extra, which "
+        "compiles llama.cpp), a device bundle and a writable cgroup memory controller",
     ".venv/bin/python scripts/memcap.py --budget-mb 4 --margin-mb 16 -- schedule=atomic cache=disk":
         "needs a usable cgroup memory controller; tests/test_harness.py runs this command on the "
         "tiny model where there is one",

@@ -22,8 +22,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-KEYS = ("decode_tokens_per_s", "peak_rss_decode_bytes", "planned_peak_bytes", "ppl", "compile_s",
-        "wall_s", "time_to_first_token_s")
+sys.path.insert(0, str(REPO))
+
+from stagejax_device.results import atomic_write_json, atomic_write_text  # noqa: E402
+
+KEYS = ("decode_tokens_per_s", "decode_peak_rss_bytes", "baseline_rss_bytes",
+        "decode_working_set_bytes", "planned_peak_bytes", "ppl", "compile_s", "wall_s",
+        "exec_to_first_token_s", "time_to_first_token_s")
 
 
 def run_once(cache: Path, run_dir: Path, overrides: list[str]) -> dict:
@@ -53,22 +58,24 @@ def main() -> int:
     summary = {"command": "python -m stagejax.run " + " ".join(args.overrides),
                "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                "cpus": os.cpu_count(), "runs": runs}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    mb = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
+    atomic_write_json(out / "summary.json", summary)
+    mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
     lines = [f"# First and later run of the main job ({summary['date_utc']} UTC)", "",
              f"`scripts/first_and_later_run.py` — `{summary['command'].strip()}` twice with a new "
              "`paths.cache`, each in a fresh process. The first run converts the model, calibrates "
              "the roofline, compiles the C reader and every executable; the later run finds them "
              "cached. Load average: the 1-minute figure before and after each run (this VM has "
              f"{summary['cpus']} CPUs and is shared).", "",
-             "| run | decode tokens/s | decode above baseline MB | planned MB | PPL | compile s | "
-             "process s | load average |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| run | decode tokens/s | whole process while decoding, MiB | runtime baseline, MiB | "
+             "working set, MiB | planned working set, MiB | PPL | compile s | process s | "
+             "load average |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in runs.items():
-        lines.append(f"| {name} | {r['decode_tokens_per_s']:.2f} | {mb(r['peak_rss_decode_bytes'])} | "
-                     f"{mb(r['planned_peak_bytes'])} | {r['ppl']:.4f} | {r['compile_s']:.1f} | "
+        lines.append(f"| {name} | {r['decode_tokens_per_s']:.2f} | {mib(r['decode_peak_rss_bytes'])} | "
+                     f"{mib(r['baseline_rss_bytes'])} | {mib(r['decode_working_set_bytes'])} | "
+                     f"{mib(r['planned_peak_bytes'])} | {r['ppl']:.4f} | {r['compile_s']:.1f} | "
                      f"{r['process_s']:.0f} | {r['load_average_1min'][0]:.1f} → "
                      f"{r['load_average_1min'][1]:.1f} |")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from stagejax.memcap import (COMPLETED, Cgroup, CgroupUnavailable, create_cgroup,  # noqa: E402
                              find_memory_cgroup, run_from_start)
-from stagejax_device.results import atomic_write_json  # noqa: E402
+from stagejax_device.results import atomic_write_json, atomic_write_text  # noqa: E402
 
 MB = 2**20
 MEMCAP_ENV = "STAGEJAX_MEMCAP"  # the protocol read by stagejax.run.MemoryCap
@@ -170,6 +170,32 @@ def format_find_min(report: dict) -> str:
                      + ("" if smallest == report["min_bytes"] else
                         f"; {mb(report['largest_failing_cap_bytes'])} did not"))
     return "\n".join(lines)
+
+
+def find_min_summary(report: dict, argv: list[str]) -> str:
+    """The report as a markdown table, without the run directories' absolute paths (for a
+    results directory that is committed)."""
+    mib = lambda b: "—" if b is None else f"{b / MB:,.1f}"  # noqa: E731
+    smallest = report["smallest_completing_cap_bytes"]
+    lines = [f"# Smallest whole-process cap ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
+             f"`scripts/memcap.py {' '.join(argv)}`: each probe a fresh `python -m stagejax.run` "
+             "capped from exec (cgroup limit set before the interpreter starts; page cache "
+             f"dropped before each probe: {'yes' if all(r['page_cache'].get('page_cache_dropped') for r in report['probes']) else 'no'}), "
+             f"bisected between {mib(report['min_bytes'])} and {mib(report['max_bytes'])} MiB at "
+             f"{mib(report['resolution_bytes'])} MiB, {report['time_limit_s']:.0f} s per probe.", "",
+             f"**Smallest cap that completes: {mib(smallest)} MiB**" +
+             ("" if smallest is None else f" ({(report['at_smallest'].get('decode_tokens_per_s') or 0):.2f} "
+              "tokens/s there)") + ".", "",
+             "| cap MiB | outcome | phase | tokens/s | exec to first token s | decode peak RSS MiB | "
+             "cgroup peak MiB (page cache included) | wall s |", "|---:|---|---|---:|---:|---:|---:|---:|"]
+    for r in report["probes"]:
+        tps = r.get("decode_tokens_per_s")
+        ttft = r.get("exec_to_first_token_s")
+        lines.append(f"| {mib(r['cap_bytes'])} | {r['status']} | {r.get('phase') or '—'} | "
+                     f"{'—' if tps is None else f'{tps:.2f}'} | {'—' if ttft is None else f'{ttft:.1f}'} | "
+                     f"{mib(r.get('decode_peak_rss_bytes'))} | {mib(r.get('cgroup_peak_bytes'))} | "
+                     f"{r['wall_s']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 # ---- working set, from decode start -----------------------------------------------------------
@@ -336,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         report = find_min_cap(args.python, overrides, out, int(args.min_mb * MB), int(args.max_mb * MB),
                               int(args.resolution_mb * MB), args.time_limit_s, not args.keep_page_cache)
         atomic_write_json(out / "memcap_report.json", report)
+        atomic_write_text(out / "summary.md", find_min_summary(report, argv if argv is not None else sys.argv[1:]))
         print(format_find_min(report))
         return 0 if report["smallest_completing_cap_bytes"] is not None else 1
     record = capped_probe(args.python, overrides, int(args.cap_mb * MB), out / "capped", args.time_limit_s,

@@ -92,3 +92,27 @@ def test_memcap_from_start_completes_or_is_killed(tmp_path):
     assert small["status"] == KILLED and small["exit"] == 1, small
     assert small["cgroup_peak_bytes"] <= 64 * MIB and small["oom_kills"] >= 1
     assert small["page_cache"]["page_cache_dropped"] is False  # --keep-page-cache, recorded
+
+
+def test_find_min_bisects_to_the_smallest_completing_cap(tmp_path, monkeypatch):
+    """The bisection, with probes faked: a job that completes at 300 MiB and above."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import memcap
+
+    mib = 2**20
+    probed = []
+
+    def fake_probe(python, overrides, cap_bytes, run_dir, time_limit_s, drop_cache=True):
+        probed.append(cap_bytes // mib)
+        done = cap_bytes >= 300 * mib
+        return {"status": COMPLETED if done else KILLED, "cap_bytes": cap_bytes, "phase": None if done else "compile",
+                "wall_s": 1.0, "cgroup_peak_bytes": min(cap_bytes, 300 * mib), "page_cache": {"page_cache_dropped": True},
+                "decode_tokens_per_s": 2.0 if done else None}
+
+    monkeypatch.setattr(memcap, "capped_probe", fake_probe)
+    report = memcap.find_min_cap("python", [], tmp_path, 128 * mib, 1024 * mib, 16 * mib, 10.0)
+    assert report["smallest_completing_cap_bytes"] == 304 * mib  # 128 + a multiple of 16
+    assert report["largest_failing_cap_bytes"] == 288 * mib
+    assert len(probed) == len(set(probed)) <= 9
+    summary = memcap.find_min_summary(report, ["--from-start", "--find-min"])
+    assert "Smallest cap that completes: 304.0 MiB" in summary and "| 288.0 | killed | compile |" in summary
