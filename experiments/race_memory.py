@@ -134,7 +134,8 @@ def run_once(contestant: Contestant, cap_mib: int, round_index: int, args) -> di
     record = {"round": round_index, "cap_mib": cap_mib, "contestant": contestant.name,
               "status": outcome.status, "phase": outcome.phase, "returncode": outcome.returncode,
               "wall_s": round(outcome.wall_s, 2), "cgroup_peak_bytes": outcome.cgroup_peak_bytes,
-              "oom_kills": outcome.oom_kills, "page_cache_dropped": outcome.page_cache["page_cache_dropped"]}
+              "oom_kills": outcome.oom_kills, "page_cache_dropped": outcome.page_cache["page_cache_dropped"],
+              "other_processes_mapping": outcome.other_processes_mapping}
     metrics_file = run_dir / "metrics.json"
     if outcome.completed and metrics_file.exists():
         metrics = json.loads(metrics_file.read_text())
@@ -221,6 +222,19 @@ def _fmt(value, spec):
     return "—" if value is None else format(value, spec)
 
 
+def quiet_machine(meta: dict) -> str:
+    """Whether other processes held the contestants' libraries mapped (pages a cap then misses)."""
+    shared = meta.get("runs_with_other_processes_mapping")
+    if shared is None:
+        return "Other processes mapping the contestants' libraries: not recorded."
+    if shared == 0:
+        return ("No other process had the contestants' libraries mapped during any run (so every "
+                "page the runs used was charged to their own cgroup).")
+    return (f"In {shared} of {meta['n_runs']} runs another process had the contestants' libraries "
+            "mapped: those pages were not charged to the run's cgroup (`runs.json`, "
+            "`other_processes_mapping`).")
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         "# The equal-memory race",
@@ -235,7 +249,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "First token = seconds from exec (imports, compilation and loading included). cgroup peak "
         "includes the page cache charged to the run. Perplexity: the contestant's weights, measured once "
         f"uncapped ({meta['ppl_chunks']} chunks of 512 tokens of wiki.test.raw read as bytes, llama.cpp "
-        "procedure).",
+        "procedure). " + quiet_machine(meta),
         "",
         "| cap MiB | contestant | weights | completed | tok/s (median) | tok/s per round | first token s | "
         "outcome | cgroup peak MiB | decode peak RSS MiB | PPL |",
@@ -368,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
                 "machine": f"{cpu_model()}, {len(__import__('os').sched_getaffinity(0))} cores",
                 "commit": git_commit(), "prompt": args.prompt, "new_tokens": args.new_tokens,
                 "rounds": args.rounds, "time_limit_s": args.time_limit_s, "ppl_chunks": args.ppl_chunks,
-                "ppl": ppl, "caps_mib": caps, "contestants": [dataclasses.asdict(c) for c in contestants]}
+                "ppl": ppl, "caps_mib": caps, "contestants": [dataclasses.asdict(c) for c in contestants],
+                "n_runs": len(records),
+                "runs_with_other_processes_mapping": sum(bool(r["other_processes_mapping"]) for r in records)}
         atomic_write_json(args.results / "runs.json", {"meta": meta, "ppl": ppl, "runs": records})
     rows = summarise(records, contestants, ppl, caps)
     atomic_write_text(args.results / "summary.md", markdown(rows, meta))

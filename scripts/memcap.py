@@ -172,6 +172,17 @@ def format_find_min(report: dict) -> str:
     return "\n".join(lines)
 
 
+def shared_note(probes: list[dict]) -> str:
+    shared = [p for p in probes if p.get("other_processes_mapping")]
+    if not shared:
+        return "No other process had the job's libraries mapped during any probe."
+    return (f"In {len(shared)} of {len(probes)} probes other processes had the job's libraries mapped "
+            "(their pages were not charged to the probe's cgroup, so those caps covered less than "
+            "on a machine running the job alone): "
+            + "; ".join(f"{p['cap_bytes'] // MB} MiB: {', '.join(p['other_processes_mapping'])}" for p in shared)
+            + ".")
+
+
 def find_min_summary(report: dict, argv: list[str]) -> str:
     """The report as a markdown table, without the run directories' absolute paths (for a
     results directory that is committed)."""
@@ -182,7 +193,8 @@ def find_min_summary(report: dict, argv: list[str]) -> str:
              "capped from exec (cgroup limit set before the interpreter starts; page cache "
              f"dropped before each probe: {'yes' if all(r['page_cache'].get('page_cache_dropped') for r in report['probes']) else 'no'}), "
              f"bisected between {mib(report['min_bytes'])} and {mib(report['max_bytes'])} MiB at "
-             f"{mib(report['resolution_bytes'])} MiB, {report['time_limit_s']:.0f} s per probe.", "",
+             f"{mib(report['resolution_bytes'])} MiB, {report['time_limit_s']:.0f} s per probe. "
+             + shared_note(report["probes"]), "",
              f"**Smallest cap that completes: {mib(smallest)} MiB**" +
              ("" if smallest is None else f" ({(report['at_smallest'].get('decode_tokens_per_s') or 0):.2f} "
               "tokens/s there)") + ".", "",

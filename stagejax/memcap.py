@@ -23,6 +23,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -281,6 +282,10 @@ class CappedRun:
     charge_failures: int | None
     cgroup_removed: bool
     page_cache: dict
+    # Other processes that had the job's libraries mapped when it started: their pages stay
+    # resident through the drop and are charged to the cgroup that first read them, not this
+    # one, so the cap then covers less of the job than on a device running it alone.
+    other_processes_mapping: list = dataclasses.field(default_factory=list)
 
     @property
     def completed(self) -> bool:
@@ -299,6 +304,22 @@ def last_phase(run_dir: Path | None) -> str | None:
         return None
 
 
+def processes_mapping(prefixes: list[str], exclude: set[int] = frozenset()) -> list[str]:
+    """"pid name" of every process (but `exclude`) with a file under one of `prefixes` mapped."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in exclude:
+            continue
+        try:
+            maps = (entry / "maps").read_text()
+            name = (entry / "comm").read_text().strip()
+        except OSError:  # gone, or not ours to read
+            continue
+        if any(f" {prefix}" in maps for prefix in prefixes):
+            found.append(f"{entry.name} {name}")
+    return found
+
+
 def run_from_start(command: list[str], cap_bytes: int, *, time_limit_s: float,
                    run_dir: Path | None = None, cwd: str | Path | None = None,
                    env: dict | None = None, drop_cache: bool = True, name: str | None = None,
@@ -314,6 +335,7 @@ def run_from_start(command: list[str], cap_bytes: int, *, time_limit_s: float,
     cgroup = create_cgroup(parent, version, name or f"stagejax-cap-{os.getpid()}-{time.monotonic_ns()}")
     page_cache = drop_page_cache() if drop_cache else {"page_cache_dropped": False,
                                                          "page_cache_note": "not asked to"}
+    others = processes_mapping([sys.prefix, str(Path(command[0]).resolve().parent.parent)], {os.getpid()})
     try:
         cgroup.set_limit(cap_bytes)
 
@@ -344,4 +366,4 @@ def run_from_start(command: list[str], cap_bytes: int, *, time_limit_s: float,
     else:
         status = FAILED
     return CappedRun(status, int(cap_bytes), returncode, wall_s, last_phase(run_dir), peak,
-                     oom_kills, failures, removed, page_cache)
+                     oom_kills, failures, removed, page_cache, others)

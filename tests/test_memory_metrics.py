@@ -116,3 +116,21 @@ def test_find_min_bisects_to_the_smallest_completing_cap(tmp_path, monkeypatch):
     assert len(probed) == len(set(probed)) <= 9
     summary = memcap.find_min_summary(report, ["--from-start", "--find-min"])
     assert "Smallest cap that completes: 304.0 MiB" in summary and "| 288.0 | killed | compile |" in summary
+
+
+def test_processes_mapping_finds_another_interpreter_of_this_environment():
+    from stagejax.memcap import processes_mapping
+
+    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        import time
+
+        deadline = time.monotonic() + 10
+        found = []
+        while time.monotonic() < deadline and not found:
+            found = [p for p in processes_mapping([sys.base_prefix, sys.prefix]) if p.split()[0] == str(other.pid)]
+            time.sleep(0.05)
+        assert found
+    finally:
+        other.communicate(b"")
+    assert not [p for p in processes_mapping([sys.prefix]) if p.split()[0] == str(other.pid)]
