@@ -377,14 +377,17 @@ def main(argv: list[str] | None = None) -> int:
                     records.append(record)
                     if record["status"] != COMPLETED:
                         failed_at[c.name] = cap
+                    # Kept as the race goes, so a crash or an interrupt loses no finished run.
+                    atomic_write_json(args.out / "runs.partial.json", {"ppl": ppl, "runs": records})
+                atomic_write_json(args.out / "runs.partial.json", {"ppl": ppl, "runs": records})
         meta = {"command": "python experiments/race_memory.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
                 "started": started, "finished": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                 "machine": f"{cpu_model()}, {len(__import__('os').sched_getaffinity(0))} cores",
                 "commit": git_commit(), "prompt": args.prompt, "new_tokens": args.new_tokens,
                 "rounds": args.rounds, "time_limit_s": args.time_limit_s, "ppl_chunks": args.ppl_chunks,
                 "ppl": ppl, "caps_mib": caps, "contestants": [dataclasses.asdict(c) for c in contestants],
-                "n_runs": len(records),
-                "runs_with_other_processes_mapping": sum(bool(r["other_processes_mapping"]) for r in records)}
+                "n_runs": sum(r["status"] != "skipped" for r in records),
+                "runs_with_other_processes_mapping": sum(bool(r.get("other_processes_mapping")) for r in records)}
         atomic_write_json(args.results / "runs.json", {"meta": meta, "ppl": ppl, "runs": records})
     rows = summarise(records, contestants, ppl, caps)
     atomic_write_text(args.results / "summary.md", markdown(rows, meta))
