@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stagejax_device import measure
+from stagejax_device.weight_store import ZeroWeights
 from stagejax.activation_store import ActivationStore
 from stagejax.quant import largest_dequantized_bytes
 from stagejax_device.coalesce import CoalescingPrefetcher
@@ -97,42 +97,6 @@ class _GroupFacts:
     scoring_entries: tuple  # the same in scoring mode
     kv_layers: tuple[int, ...]
     flush_layers: tuple[int, ...]
-
-
-class _ZeroWeights:
-    """Stands in for the WeightStore during `StagedDecoder.dry_run`: zeros of every shape."""
-
-    def __init__(self, manifest):
-        self.manifest = manifest
-        self._zeros: dict[tuple, np.ndarray] = {}
-
-    def _zero(self, shape, dtype) -> np.ndarray:
-        key = (tuple(shape), np.dtype(dtype).str)
-        if key not in self._zeros:
-            array = aligned_empty(shape, dtype)
-            array.fill(0)
-            self._zeros[key] = array
-        return self._zeros[key]
-
-    def read_rows(self, key: str, rows) -> np.ndarray:
-        info = self.manifest.arrays[key]
-        return self._zero((len(rows),) + tuple(info.shape[1:]), info.dtype)
-
-    def next_unit(self, keys) -> dict:
-        return {k: self._zero(self.manifest.arrays[k].shape, self.manifest.arrays[k].dtype) for k in keys}
-
-
-class _ZeroPrefetcher:
-    def __init__(self, zeros: _ZeroWeights, units):
-        self.zeros, self.units, self.position = zeros, units, 0
-
-    def next(self) -> dict:
-        unit = self.units[self.position]
-        self.position = (self.position + 1) % len(self.units)
-        return self.zeros.next_unit(unit)
-
-    def release(self, arrays) -> None:
-        pass
 
 
 class StagedDecoder:
@@ -376,9 +340,9 @@ class StagedDecoder:
         They are the runtime's, not the working set's, so runs do them before measuring the
         baseline. The cache rows written here are later overwritten or masked.
         """
-        zeros = _ZeroWeights(self.store.manifest)
+        zeros = ZeroWeights(self.store.manifest, self._units)
         store, prefetcher = self.store, self.prefetcher
-        self.store, self.prefetcher = zeros, _ZeroPrefetcher(zeros, self._units)
+        self.store, self.prefetcher = zeros, zeros
         try:
             self.run_pass([0] * self.prefill_block, 0, 1)
             self.step(0, 1)

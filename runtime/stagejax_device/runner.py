@@ -23,7 +23,7 @@ import numpy as np
 from stagejax_device.bundle import Bundle, BundleError
 from stagejax_device.coalesce import CoalescingPrefetcher
 from stagejax_device.kv_store import HostKVCache, KVLayout, aligned_empty
-from stagejax_device.weight_store import WeightStore
+from stagejax_device.weight_store import WeightStore, ZeroWeights
 
 _DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
@@ -325,11 +325,10 @@ class StagedRunner:
         first-use costs (IREE's executables loaded, buffers allocated) are the runtime's, so the
         baseline is measured after them, as the JAX executor's dry run does. The KV rows written
         are overwritten or masked later."""
-        zeros = _ZeroWeights(self.store.manifest)
+        units = [g["weight_keys"] for g in self.groups if g["kind"] != "embed" and g["weight_keys"]]
+        zeros = ZeroWeights(self.store.manifest, units)
         store, prefetcher = self.store, self.prefetcher
         self.store, self.prefetcher = zeros, zeros
-        units = [g["weight_keys"] for g in self.groups if g["kind"] != "embed" and g["weight_keys"]]
-        zeros.units = units
         try:
             self.run_pass([0] * self.prefill_block, 0, 1)
             self.step(0, 1)
@@ -383,36 +382,3 @@ class StagedRunner:
         self.prefetcher.close()
         self.cache.close()
         self.store.close()
-
-
-
-class _ZeroWeights:
-    """Stands in for the store and the prefetcher during `StagedRunner.dry_run`: zeros of every
-    shape (one buffer per shape), handed out in the plan's unit order."""
-
-    def __init__(self, manifest):
-        self.manifest = manifest
-        self.units: list = []
-        self._position = 0
-        self._zeros: dict[tuple, np.ndarray] = {}
-
-    def _zero(self, shape, dtype) -> np.ndarray:
-        key = (tuple(shape), np.dtype(dtype).str)
-        if key not in self._zeros:
-            array = aligned_empty(shape, dtype)
-            array.fill(0)
-            self._zeros[key] = array
-        return self._zeros[key]
-
-    def read_rows(self, key: str, rows) -> np.ndarray:
-        info = self.manifest.arrays[key]
-        return self._zero((len(rows),) + tuple(info.shape[1:]), info.dtype)
-
-    def next(self) -> dict:
-        unit = self.units[self._position]
-        self._position = (self._position + 1) % len(self.units)
-        arrays = self.manifest.arrays
-        return {k: self._zero(arrays[k].shape, arrays[k].dtype) for k in unit}
-
-    def release(self, arrays) -> None:
-        pass

@@ -42,6 +42,40 @@ def aligned_empty(nbytes: int) -> np.ndarray:
     return raw[offset:offset + nbytes]
 
 
+class ZeroWeights:
+    """Stands in for a WeightStore and its prefetcher in a dry run (every executable run once
+    before any weight is read): zeros of each array's shape, one buffer per shape and dtype,
+    shared by every array of that shape; `units` (lists of array keys) handed out in order."""
+
+    def __init__(self, manifest, units: Sequence[Sequence[str]] = ()):
+        self.manifest = manifest
+        self.units = list(units)
+        self._position = 0
+        self._zeros: dict[tuple, np.ndarray] = {}
+
+    def zeros(self, shape, dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        key = (tuple(shape), dtype.str)
+        if key not in self._zeros:
+            array = aligned_empty(int(np.prod(shape)) * dtype.itemsize).view(dtype).reshape(shape)
+            array.fill(0)
+            self._zeros[key] = array
+        return self._zeros[key]
+
+    def read_rows(self, key: str, rows) -> np.ndarray:
+        info = self.manifest.arrays[key]
+        return self.zeros((len(rows),) + tuple(info.shape[1:]), info.dtype)
+
+    def next(self) -> dict:
+        unit = self.units[self._position]
+        self._position = (self._position + 1) % len(self.units)
+        arrays = self.manifest.arrays
+        return {k: self.zeros(arrays[k].shape, arrays[k].dtype) for k in unit}
+
+    def release(self, arrays) -> None:
+        pass
+
+
 class _Entry:
     """An array's open file and what reading it needs, resolved once on open."""
 
