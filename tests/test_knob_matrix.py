@@ -141,7 +141,8 @@ def test_a_flipped_nibble_in_a_quantized_block_is_caught(matrix_models, quant, k
 
         prefetcher.next = next_with_a_flip
 
-    km.check_case(case, model)  # unmutated: passes
+    if quant == "int4_g32":  # unmutated, it passes (gguf_native's twin is a matrix case)
+        km.check_case(case, model)
     with pytest.raises(AssertionError, match="staged differs from monolithic"):
         km.check_case(case, model, mutate=flip_a_nibble)
 
@@ -152,11 +153,11 @@ def test_a_flipped_nibble_in_a_quantized_block_is_caught(matrix_models, quant, k
 MEMORY_ALLOWANCE_BYTES = 8 * 2**20
 
 
-def decode_memory(tmp_path, *overrides) -> dict:
+def decode_memory(tmp_path, *overrides, schedule="atomic") -> dict:
     """A run of the main job in a fresh process; its metrics."""
     run_dir = tmp_path / "run"
     completed = subprocess.run(
-        [sys.executable, "-m", "stagejax.run", "schedule=atomic", "cache=ram", "eval.ppl_chunks=0",
+        [sys.executable, "-m", "stagejax.run", f"schedule={schedule}", "cache=ram", "eval.ppl_chunks=0",
          "decode.max_new_tokens=8", "tracking.mode=disabled", f"hydra.run.dir={run_dir}", *overrides],
         cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -171,7 +172,8 @@ def test_quantized_decode_with_the_cache_in_ram_stays_within_its_plan(tmp_path):
                            km.scaled_params(km.FAMILY_CONFIGS["llama"]))
     metrics = decode_memory(tmp_path, "model=tiny", f"model.path={source}", "quant=gguf_native",
                             "schedule.ffn_chunks=3", "schedule.kv_block=16",
-                            f"paths.cache={tmp_path / 'cache'}")
+                            f"paths.cache={tmp_path / 'cache'}",
+                            schedule="layer")  # a layer's blocks and dequantized matrices at once
     planned, measured = metrics["planned_peak_bytes"], metrics["decode_working_set_bytes"]
     assert metrics["quant"] == "gguf_native" and metrics["cache"] == "ram"
     assert measured <= planned + MEMORY_ALLOWANCE_BYTES, (measured / 2**20, planned / 2**20)
