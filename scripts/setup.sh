@@ -10,6 +10,20 @@ PYTHON=${PYTHON:-python3}
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test,parity]"
 
+# The GIL-free weight reader (store.reader=auto, the default, and native) is one C file compiled
+# with the system compiler on first use; without a compiler runs fall back to the slower Python
+# reader with a warning, and the tests' native-reader cases fail. So --test requires one.
+if ! command -v "${CC:-cc}" >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then
+  msg="no C compiler (cc or gcc on PATH, or \$CC): the native weight reader cannot be built.
+  Install one: apt-get install gcc (Debian/Ubuntu), dnf install gcc (Fedora), apk add build-base
+  (Alpine), xcode-select --install (macOS); or set CC to a compiler."
+  if [ -n "$extras" ]; then
+    echo "setup.sh: error: $msg" >&2
+    exit 1
+  fi
+  echo "setup.sh: warning: $msg Runs use the Python reader until then." >&2
+fi
+
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi

@@ -88,6 +88,8 @@ PRESETS: dict[str, ModelPreset] = {
                                  config=dataclasses.replace(GPT2_SMALL, n_layers=6)),
     # Prime-sized tiny models: every axis has a distinct size, so a transposed axis fails loudly.
     # GQA 6 query heads over 2 kv heads; head_dim 10 (RoPE needs it even); d_model 37 != 6 * 10.
+    # (The knob matrix's tiny models, tests/knob_matrix.py, make every quantized input dimension
+    # a multiple of 64 instead, so every quantization scheme accepts them.)
     "tiny": ModelPreset("tiny", source="random", config=ModelConfig(
         family="llama", vocab_size=257, d_model=37, n_layers=3, n_heads=6, n_kv_heads=2,
         head_dim=10, ffn_dim=53, max_seq_len=97, norm_eps=1e-5, rope_theta=10000.0,

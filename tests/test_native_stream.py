@@ -36,6 +36,14 @@ def test_the_reader_compiles_where_a_c_compiler_exists():
     assert native_stream.library() is not None, native_stream.library_error()
 
 
+def wait_until(condition, timeout_s: float = 60.0) -> None:
+    """Poll `condition` until it holds; a deadline far beyond any load, not a timing assumption."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached within the deadline"
+        time.sleep(0.0005)
+
+
 @pytest.mark.parametrize("depth", [1, 3])
 def test_units_cycle_in_order_with_their_bytes_within_the_depth(checkpoint, depth):
     with WeightStore(checkpoint, verify="open") as store:
@@ -52,11 +60,13 @@ def test_units_cycle_in_order_with_their_bytes_within_the_depth(checkpoint, dept
             for key, value in arrays.items():
                 np.testing.assert_array_equal(value, expected[key])
                 assert value.ctypes.data % 64 == 0  # zero-copy into JAX
-            time.sleep(0.002)  # a slow consumer: the reader runs as far ahead as it may
+            # A slow consumer: the reader runs as far ahead as it may. Waited for (not slept
+            # a fixed time), so it holds on a loaded machine too.
+            wait_until(lambda: prefetcher.in_flight_units >= depth)
             assert prefetcher.in_flight_units <= depth
             assert prefetcher.in_flight_bytes <= sum(unit_bytes[:depth])
             prefetcher.release(arrays)
-        assert prefetcher.max_in_flight_units_seen == depth  # reached, never exceeded
+        assert prefetcher.max_in_flight_units_seen == depth  # reached (waited for), never exceeded
         assert prefetcher.max_in_flight_bytes_seen <= sum(unit_bytes[:depth])
         assert store.resident_bytes == 0  # lent bytes come back at release
         assert store.bytes_read - before == sum(store.nbytes(units[s % len(units)])

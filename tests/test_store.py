@@ -342,6 +342,14 @@ def test_another_format_version_is_refused(tiny_copy):
 # -- prefetch ---------------------------------------------------------------------------------
 
 
+def wait_until(condition, timeout_s: float = 60.0) -> None:
+    """Poll `condition` until it holds; a deadline far beyond any load, not a timing assumption."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached within the deadline"
+        time.sleep(0.0005)
+
+
 @pytest.mark.parametrize("depth", [0, 1, 3])
 def test_prefetch_order_cycles_and_never_exceeds_its_depth(tiny, depth):
     _, path = tiny
@@ -353,11 +361,13 @@ def test_prefetch_order_cycles_and_never_exceeds_its_depth(tiny, depth):
         for step in range(2 * len(units) + 3):  # cycles through the units, in order
             arrays = prefetcher.next()
             assert list(arrays) == list(units[step % len(units)])
-            time.sleep(0.002)  # a slow consumer: the thread runs as far ahead as it may
+            # A slow consumer: the reader runs as far ahead as it may. Waited for (not slept
+            # a fixed time), so it holds on a loaded machine too.
+            wait_until(lambda: prefetcher.in_flight_units >= depth)
             assert prefetcher.in_flight_units <= depth
             assert prefetcher.in_flight_bytes <= sum(unit_bytes[:depth])
             prefetcher.release(arrays)
-        assert prefetcher.max_in_flight_units_seen == depth  # reached, never exceeded
+        assert prefetcher.max_in_flight_units_seen == depth  # reached (waited for), never exceeded
         assert prefetcher.max_in_flight_bytes_seen <= sum(unit_bytes[:depth])
         deadline = time.monotonic() + 5  # the thread may still be reading its last unit
         while store.resident_bytes != prefetcher.in_flight_bytes and time.monotonic() < deadline:
