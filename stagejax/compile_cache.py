@@ -10,6 +10,7 @@ executables instead. Tracing and lowering are never cached, so they are counted 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from pathlib import Path
 
 import jax
@@ -36,20 +37,23 @@ class CompileCounters:
 
 
 _TOTALS = CompileCounters()
+_LOCK = threading.Lock()  # executables can compile on several threads (compile_workers)
 _listening = False
 
 
 def _on_duration(name: str, seconds: float, **_) -> None:
     field = _EVENTS.get(name)
     if field is not None:
-        setattr(_TOTALS, field, getattr(_TOTALS, field) + seconds)
+        with _LOCK:
+            setattr(_TOTALS, field, getattr(_TOTALS, field) + seconds)
 
 
 def _on_event(name: str, **_) -> None:
-    if name == "/jax/compilation_cache/cache_hits":
-        _TOTALS.cache_hits += 1
-    elif name == "/jax/compilation_cache/cache_misses":
-        _TOTALS.cache_misses += 1
+    with _LOCK:
+        if name == "/jax/compilation_cache/cache_hits":
+            _TOTALS.cache_hits += 1
+        elif name == "/jax/compilation_cache/cache_misses":
+            _TOTALS.cache_misses += 1
 
 
 def counters() -> CompileCounters:
@@ -59,7 +63,8 @@ def counters() -> CompileCounters:
         jax.monitoring.register_event_duration_secs_listener(_on_duration)
         jax.monitoring.register_event_listener(_on_event)
         _listening = True
-    return dataclasses.replace(_TOTALS)
+    with _LOCK:
+        return dataclasses.replace(_TOTALS)
 
 
 def use_persistent_cache(cache_dir: Path) -> Path:

@@ -10,6 +10,7 @@ except the weights the prefetcher is reading ahead.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import time
 from typing import Callable, Sequence
@@ -116,6 +117,10 @@ class StagedDecoder:
       native_dir: where the C weight reader is compiled (`native_stream.library`).
       warm_up: compile every executable now (False: only describe them as `programs`, as the
         exporter needs; such a decoder cannot run).
+      compile_workers: executables compiled at once. XLA's CPU compiler releases the GIL, so
+        on several cores a plan of tens of executables compiles in a fraction of the time;
+        each concurrent compile holds its own temporaries, so the start-up's high-water RSS
+        can rise (1: one after another).
     """
 
     def __init__(self, config: ModelConfig, store, layout: ChunkLayout, policy: str,
@@ -123,7 +128,9 @@ class StagedDecoder:
                  prefetch_depth: int = 1, sampling: SamplingConfig = SamplingConfig(),
                  groups: Sequence[Group] | None = None, kv_block: int | None = None,
                  activations: str = "ram", reader: str = "auto", scratch_dir: str | None = None,
-                 native_dir: str | None = None, warm_up: bool = True):
+                 native_dir: str | None = None, warm_up: bool = True, compile_workers: int = 1):
+        if compile_workers < 1:
+            raise ValueError(f"compile_workers must be >= 1, got {compile_workers}")
         self.config, self.store, self.layout, self.policy = config, store, layout, policy
         # Stored keys: a quantized weight is several arrays (stagejax.quant), listed per stage.
         self.stages: list[Stage] = build_stages(config, layout, store.manifest.arrays)
@@ -172,19 +179,43 @@ class StagedDecoder:
         self.programs: dict[tuple, Program] = {}  # by signature, beside `_executables`
         self._specs: dict[int, tuple] = {}  # argument specs, by id() of the kept executable
         self._group_exe: dict[tuple[int, int, bool], Callable] = {}
-        for tokens in sorted({1, prefill_block}):
-            for scoring in (False, True):
-                for gi in range(len(self.groups)):
-                    self._group_exe[(gi, tokens, scoring)] = self._compile_group(gi, tokens, scoring)
         self.sampling = sampling
         self.sampler = sampler_program(config, sampling)
         self._sample = self.sampler.jit()
-        if warm_up:
-            _warm_up(self._sample, *self.sampler.specs)
+        # Tracing and lowering hold the GIL; a pool overlaps XLA's backend compiles.
+        self._compiles = (concurrent.futures.ThreadPoolExecutor(compile_workers, "compile")
+                          if warm_up and compile_workers > 1 else None)
+        self._compiling: list[concurrent.futures.Future] = []
+        try:
+            for tokens, scoring in self.pass_kinds():
+                for gi in range(len(self.groups)):
+                    self._group_exe[(gi, tokens, scoring)] = self._compile_group(gi, tokens, scoring)
+            if warm_up:
+                self._compile(self._sample, self.sampler.specs)
+            for future in self._compiling:
+                future.result()
+        finally:
+            if self._compiles is not None:
+                self._compiles.shutdown(cancel_futures=True)
+            self._compiles, self._compiling = None, []
         self.compile_s = time.perf_counter() - start
         self._states = {}
 
     # ---- compilation ---------------------------------------------------------------------
+
+    def pass_kinds(self) -> list[tuple[int, bool]]:
+        """(tokens, scoring) of every pass this decoder runs: decode steps (1 token, generation),
+        prefill and scoring passes (`prefill_block` tokens). A one-token scoring pass never
+        runs unless the prefill block is one token, so it is not compiled."""
+        return sorted({(1, False), (self.prefill_block, False), (self.prefill_block, True)})
+
+    def _attention_modes(self, tokens: int) -> tuple[str, ...]:
+        """The attention executables a pass of `tokens` can call within the KV capacity: the
+        past of a pass starting at row `start` is ceil(start / kv_block) blocks, and a pass
+        starts at most `capacity - tokens` rows in (`_run_attention`)."""
+        most_blocks = max(1, -(-(self.cache.capacity - tokens) // self.kv_block))
+        return ("only",) + (("first", "last") if most_blocks >= 2 else ()) + (
+            ("middle",) if most_blocks >= 3 else ())
 
     def _spec(self, key: str) -> Host:
         info = self.store.manifest.arrays[key]
@@ -222,7 +253,7 @@ class StagedDecoder:
             n_groups = kv_groups_of(self.config, n_heads)
             block_spec = self._host_specs(n_groups, self.kv_block)
             return {mode: self._compile_attn(tokens, scoring, n_heads, n_groups, block_spec, mode)
-                    for mode in ("first", "middle", "last", "only")}
+                    for mode in self._attention_modes(tokens)}
         else:
             weight_specs = tuple(self._spec(k) for k in group.weight_keys)
             leaves = tuple(tuple(_leaf(k) for k in s.weight_keys) for s in group.stages)
@@ -283,11 +314,18 @@ class StagedDecoder:
         program = Program(name, fn, specs, donate_argnums, compiler_options)
         executable = program.jit()
         if self._warm_up:
-            _warm_up(executable, *specs)
+            self._compile(executable, specs)
         self.programs[signature] = program
         self._executables[signature] = executable
         self._specs[id(executable)] = specs
         return executable
+
+    def _compile(self, executable, specs: tuple) -> None:
+        """`_warm_up` now, or in the compile pool (waited for at the end of `__init__`)."""
+        if self._compiles is None:
+            _warm_up(executable, *specs)
+        else:
+            self._compiling.append(self._compiles.submit(_warm_up, executable, *specs))
 
     def _host_specs(self, n_groups: int | None, rows: int) -> tuple[Host, ...]:
         """Specs of a KV read in storage form (see `HostKVCache.specs`)."""

@@ -173,7 +173,8 @@ class ScheduleRun:
                 prefetch_depth=schedule.prefetch_depth, sampling=sampling,
                 groups=self.planned.groups, kv_block=schedule.kv_block,
                 activations=schedule.activations, reader=settings.store.reader,
-                scratch_dir=kv_layout.directory, native_dir=str(cache_dir / "native"))
+                scratch_dir=kv_layout.directory, native_dir=str(cache_dir / "native"),
+                compile_workers=settings.compile_workers)
             self.n_groups = len(self.staged.groups)
             self.n_executables = self.staged.n_executables
             if progress:

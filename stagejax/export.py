@@ -187,13 +187,12 @@ def state_records(decoder: StagedDecoder) -> dict:
     from stagejax.stages import init_state
 
     states = {}
-    for tokens in sorted({1, decoder.prefill_block}):
-        for scoring in (False, True):
-            state = jax.eval_shape(lambda: init_state(decoder.config, tokens, scoring))
-            states[f"{tokens}/{'score' if scoring else 'gen'}"] = {
-                entry: {"shape": list(spec.shape), "dtype": np.dtype(spec.dtype).name,
-                        "fill": float(ops.MASK_VALUE) if entry == "nll_m" else 0.0}
-                for entry, spec in state.items()}
+    for tokens, scoring in decoder.pass_kinds():
+        state = jax.eval_shape(lambda: init_state(decoder.config, tokens, scoring))
+        states[f"{tokens}/{'score' if scoring else 'gen'}"] = {
+            entry: {"shape": list(spec.shape), "dtype": np.dtype(spec.dtype).name,
+                    "fill": float(ops.MASK_VALUE) if entry == "nll_m" else 0.0}
+            for entry, spec in state.items()}
     return states
 
 

@@ -257,8 +257,12 @@ class RunSettings:
     export: ExportSettings = dataclasses.field(default_factory=ExportSettings)
     seed: int = 0
     compile_cache: bool = True  # keep compiled executables under paths.cache/xla for later runs
+    # Executables compiled at once (staged plans): faster start-up on several cores, at the cost
+    # of concurrent compiles' temporaries in the start-up's high-water RSS; 1 keeps it lowest.
+    compile_workers: int = 1
 
     def __post_init__(self):
+        _check_positive("compile_workers", self.compile_workers)
         # Combinations: checked here, before anything loads.
         block = self.cache.block_tokens
         if block is not None and self.schedule.kv_block % block:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import re
 from pathlib import Path
 from typing import Callable
@@ -103,6 +104,9 @@ PROMPT_TOKENS = 13
 NEW_TOKENS = 10  # greedy tokens: the prefill gives the first, 9 decode steps the rest
 NLL_WINDOW = 17  # 16 scored tokens: two scoring passes
 BUDGET_POLICIES = ("budget", "similar_size", "optimal")
+# Compiling is most of a case's time; its executables compile on every core at once (the
+# compiled code, hence the logits, is the same as compiled one after another).
+COMPILE_WORKERS = os.cpu_count() or 1
 
 # Vocabulary of the tiny GGUF files: 3 control tokens, the 256 byte symbols, 4 merges = 263.
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -179,7 +183,8 @@ class Case:
             cache=CacheSettings(kind=kind, dtype=dtype, order=self.order,
                                 block_tokens=self.block_tokens),
             store=StoreSettings(verify="open", reader=self.reader),
-            device=TEST_DEVICE, paths=PathSettings(cache=str(cache_dir)), compile_cache=False)
+            device=TEST_DEVICE, paths=PathSettings(cache=str(cache_dir)), compile_cache=False,
+            compile_workers=COMPILE_WORKERS)
 
 
 def _refused(values: dict) -> bool:
