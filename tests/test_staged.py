@@ -149,6 +149,57 @@ def test_activations_are_donated_and_nothing_compiles_while_decoding(model):
         decoder.close()
 
 
+@pytest.mark.parametrize("capacity, modes", [(8, {"only"}), (16, {"only", "first", "last"}),
+                                             (24, {"only", "first", "middle", "last"})])
+def test_only_callable_executables_are_compiled_and_the_cache_fills_to_capacity(model, capacity,
+                                                                                 modes):
+    """Attention over 1, 2 or 3+ KV blocks of 8 rows is compiled only where a pass can start
+    that far in, and no one-token scoring pass is; decoding to the last row still equals the
+    monolithic model."""
+    config, store, chunks, params = model
+    decoder = StagedDecoder(config, store, chunks, "op", KVLayout("disk", "head_major", 8),
+                            capacity, 4, 2, kv_block=KV_BLOCK)
+    tokens = [int(t) for t in np.random.default_rng(5).integers(0, config.vocab_size, capacity)]
+    full = np.asarray(jax.jit(forward_logits, static_argnums=(0, 3))(
+        config, params, jnp.asarray([tokens]), "float32"))[0]
+    try:
+        assert decoder.cache.capacity == capacity  # a multiple of the read block, not rounded up
+        attention = {frozenset(exe) for exe in decoder._group_exe.values() if isinstance(exe, dict)}
+        assert attention == {frozenset(modes)}
+        assert decoder.pass_kinds() == [(1, False), (4, False), (4, True)]
+        assert {(tokens_, scoring) for _, tokens_, scoring in decoder._group_exe} == {
+            (1, False), (4, False), (4, True)}
+        np.testing.assert_allclose(decoder.prefill(tokens[:5]), full[4], atol=TINY_ATOL, rtol=0)
+        for position in range(5, capacity):
+            np.testing.assert_allclose(decoder.step(tokens[position], position), full[position],
+                                       atol=TINY_ATOL, rtol=0)
+        with pytest.raises(ValueError, match="exceed the KV capacity"):
+            decoder.step(tokens[0], capacity)
+    finally:
+        decoder.close()
+
+
+def test_concurrent_compiles_give_the_same_executables_and_logits(model):
+    """compile_workers overlaps XLA's compiles; the executables and every logit are the same."""
+    config, store, chunks, _ = model
+    tokens = [int(t) for t in np.random.default_rng(6).integers(0, config.vocab_size, 24)]
+    logits, programs = {}, {}
+    for workers in (1, 2):
+        decoder = StagedDecoder(config, store, chunks, "atomic", LAYOUTS[1], 32, 16, 2,
+                                kv_block=KV_BLOCK, compile_workers=workers)
+        try:
+            programs[workers] = sorted(p.name for p in decoder.programs.values())
+            logits[workers] = [np.asarray(decoder.prefill(tokens[:17]))] + [
+                np.asarray(decoder.step(tokens[p], p)) for p in range(17, 24)]
+        finally:
+            decoder.close()
+    assert programs[1] == programs[2]
+    for serial, concurrent in zip(logits[1], logits[2]):
+        np.testing.assert_array_equal(serial, concurrent)
+    with pytest.raises(ValueError, match="compile_workers must be >= 1"):
+        StagedDecoder(config, store, chunks, "atomic", LAYOUTS[1], 32, 16, 2, compile_workers=0)
+
+
 def test_decoding_holds_no_memory_per_token(model):
     """A decode step leaves nothing behind: no JAX array stays alive and Python's own heap
     does not grow with the tokens decoded (a per-position cache once kept an array per token)."""
