@@ -179,6 +179,7 @@ class StagedDecoder:
         self.programs: dict[tuple, Program] = {}  # by signature, beside `_executables`
         self._specs: dict[int, tuple] = {}  # argument specs, by id() of the kept executable
         self._group_exe: dict[tuple[int, int, bool], Callable] = {}
+        self._state_specs: dict[tuple[int, bool], dict] = {}
         self.sampling = sampling
         self.sampler = sampler_program(config, sampling)
         self._sample = self.sampler.jit()
@@ -222,7 +223,12 @@ class StagedDecoder:
         return Host(tuple(info.shape), np.dtype(info.dtype))
 
     def _state_spec(self, tokens: int, scoring: bool) -> dict:
-        return jax.eval_shape(lambda: init_state(self.config, tokens, scoring))
+        """Shapes of a pass's activation state (traced once per pass kind: a plan has hundreds
+        of groups, and tracing is never cached across runs)."""
+        key = (tokens, scoring)
+        if key not in self._state_specs:
+            self._state_specs[key] = jax.eval_shape(lambda: init_state(self.config, tokens, scoring))
+        return self._state_specs[key]
 
     def _ctx_spec(self, tokens: int, scoring: bool) -> dict:
         i32 = lambda shape=(): jax.ShapeDtypeStruct(shape, jnp.int32)
