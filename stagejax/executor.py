@@ -23,7 +23,8 @@ from stagejax_device.weight_store import ZeroWeights
 from stagejax.activation_store import ActivationStore
 from stagejax.quant import largest_dequantized_bytes
 from stagejax_device.coalesce import CoalescingPrefetcher
-from stagejax.kv_cache import HostKVCache, KVLayout, aligned_empty, stored_kv, stored_kv_group
+from stagejax.kv_cache import (HostKVCache, KVLayout, aligned_empty, resident_cache_bytes, stored_kv,
+                               stored_kv_group)
 from stagejax.model_config import ModelConfig
 from stagejax.sampling import SamplingConfig, sample_token
 from stagejax.scheduler import (Group, GroupPlan, group_stages, kv_flush_points, plan_groups,
@@ -153,7 +154,8 @@ class StagedDecoder:
         self.activation_store = ActivationStore(scratch_dir) if activations == "disk" else None
         self.kv_block = kv_block or kv_layout.block_tokens
         self.prefill_block = prefill_block
-        self.cache = HostKVCache(config, max(capacity, prefill_block), kv_layout, self.kv_block)
+        self.rows_writable = max(capacity, prefill_block)  # the cache rounds up to whole reads
+        self.cache = HostKVCache(config, self.rows_writable, kv_layout, self.kv_block)
         self.flush_points = kv_flush_points(self.groups, config)
         self.prefetch_depth = prefetch_depth
         self._units = [list(g.weight_keys) for g in self.groups if streams_weights(g)]
@@ -425,7 +427,9 @@ class StagedDecoder:
                            lambda keys: largest_dequantized_bytes(keys, self.store.manifest.arrays),
                            kv_buffer_persists=self.kv_layout.location == "disk",
                            scratch_bytes_of=lambda group: xla_scratch_bytes(
-                               group, self.config, tokens, self.kv_block, self.cache.capacity))
+                               group, self.config, tokens, self.kv_block, self.cache.capacity),
+                           resident_kv_bytes=resident_cache_bytes(self.config, self.kv_layout,
+                                                                  self.rows_writable))
 
     # ---- running ---------------------------------------------------------------------------
 

@@ -36,7 +36,8 @@ from stagejax.decode import (MonolithicSession, decoder_for, run_generation, sam
                              token_nll)
 from stagejax.executor import StagedDecoder
 from stagejax.devices import device_from_settings
-from stagejax.kv_cache import KVLayout, cache_capacity, read_bytes as kv_read_bytes, stored_row_bytes
+from stagejax.kv_cache import (KVLayout, cache_capacity, read_bytes as kv_read_bytes,
+                               resident_cache_bytes, stored_row_bytes)
 from stagejax.planner import PlanContext, make_plan, warm_group_time
 from stagejax.quant import largest_dequantized_bytes
 from stagejax.loading import open_model, release_freed_memory, use_one_malloc_arena
@@ -74,6 +75,7 @@ def plan_context(settings: RunSettings, config, layout: ChunkLayout, store: Weig
         past_rows=rows,
         kv_bits=stored_row_bytes(config, kv_layout, 1) * 8 / (2 * config.head_dim),
         kv_on_disk=kv_layout.location == "disk",
+        kv_ram_bytes=resident_cache_bytes(config, kv_layout, max(capacity, schedule.prefill_block)),
         dequant_bytes_of=lambda keys: largest_dequantized_bytes(keys, arrays))
 
 

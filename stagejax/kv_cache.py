@@ -14,7 +14,8 @@ from stagejax import ops
 from stagejax_device import kv_store
 from stagejax_device.kv_store import (KV_DTYPES, KV_LOCATIONS, KV_ORDERS, KVLayout,  # noqa: F401
                                       file_system_type, scratch_file,
-                                      aligned_empty, cache_capacity, read_bytes, stored_row_bytes)
+                                      aligned_empty, cache_capacity, read_bytes,
+                                      resident_cache_bytes, stored_row_bytes)
 
 
 def kv_quantizer(dtype: str):

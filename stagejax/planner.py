@@ -150,6 +150,8 @@ class PlanContext:
     # A disk cache's read buffer stays resident between groups (`plan_groups`): the largest KV
     # read of the plan, charged to every group. Budget policies find it by re-planning.
     kv_resident_bytes: int = 0
+    # A cache in RAM: every layer's rows up to the context, resident through every group.
+    kv_ram_bytes: int = 0
 
     def __post_init__(self):
         self._time_cache: dict[tuple, tuple[float, float, float]] = {}
@@ -161,6 +163,7 @@ class PlanContext:
         kv = kv_read_bytes(group, self.config, self.kv_block_bytes, self.kv_layer_bytes)
         if self.kv_on_disk:
             kv = max(kv, self.kv_resident_bytes)
+        kv += self.kv_ram_bytes
         return (activation_bytes(group, self.config, self.tokens) + kv
                 + (self.dequant_bytes_of(group.weight_keys) if self.dequant_bytes_of else 0)
                 + self.scratch_bytes(group))
@@ -436,7 +439,10 @@ def make_plan(stages: Sequence[Stage], policy: str, ctx: PlanContext,
             f"schedule.policy={policy} needs {plan.peak_bytes / MB:.2f} MB (group {worst.group_id}: "
             f"weights {worst.weight_bytes / MB:.2f} MB in a {worst.buffer_bytes / MB:.2f} MB slab, "
             f"{worst.prefetch_bytes / MB:.2f} MB read ahead, activations+KV "
-            f"{(worst.activation_bytes + worst.kv_bytes) / MB:.2f} MB, XLA temporaries "
+            f"{(worst.activation_bytes + worst.kv_bytes) / MB:.2f} MB"
+            + (f" ({ctx.kv_ram_bytes / MB:.2f} MB of it the KV cache in RAM; cache=disk streams it)"
+               if ctx.kv_ram_bytes else "")
+            + f", XLA temporaries "
             f"{worst.scratch_bytes / MB:.2f} MB) but schedule.budget_mb="
             f"{budget_bytes / MB:.4g}; use a budget policy (budget, similar_size, optimal) or a "
             f"budget of at least {math.ceil(plan.peak_bytes / MB * 100) / 100:g} MB")
@@ -451,7 +457,8 @@ def account(policy: str, groups: Sequence[Group], ctx: PlanContext,
     memory: list[GroupPlan] = plan_groups(groups, ctx.config, ctx.stored_bytes, ctx.tokens,
                                           ctx.prefetch_depth, ctx.kv_block_bytes, ctx.kv_layer_bytes,
                                           slab, ctx.dequant_bytes_of, kv_buffer_persists=ctx.kv_on_disk,
-                                          scratch_bytes_of=ctx.scratch_bytes)
+                                          scratch_bytes_of=ctx.scratch_bytes,
+                                          resident_kv_bytes=ctx.kv_ram_bytes)
     rows, costs = [], []
     for group, mem in zip(groups, memory):
         objective, compute, load = ctx.time(group)
@@ -483,6 +490,9 @@ def _infeasible(stages, ctx: PlanContext, budget_bytes: int, atomic: Plan | None
     largest = max(atomic.rows, key=lambda r: r.weight_bytes if r.kind != "embed" else 0)
     need = atomic.peak_bytes
     hint = _finer_chunks_hint(ctx, largest, need, budget_bytes)
+    if ctx.kv_ram_bytes:
+        hint += (f"; {ctx.kv_ram_bytes / MB:.2f} MB of it is the KV cache held in RAM "
+                 f"(cache=disk streams it in blocks)")
     return InfeasibleBudget(
         f"schedule.budget_mb={budget_bytes / MB:.4g} is infeasible: stage {worst.group_id} alone "
         f"needs {worst.peak_bytes / MB:.2f} MB (its weights {worst.weight_bytes / MB:.2f} MB, "

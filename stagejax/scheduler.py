@@ -137,7 +137,7 @@ class GroupPlan:
     n_stages: int
     weight_bytes: int  # the group's own weights
     activation_bytes: int
-    kv_bytes: int
+    kv_bytes: int  # its KV read, and a RAM cache's resident rows
     prefetch_bytes: int  # buffers of the units read ahead
     buffer_bytes: int = 0  # the buffer holding its weights (a slab: >= weight_bytes), 0 = weight_bytes
     dequant_bytes: int = 0  # float32 temporary of its largest quantized matrix, dequantized in-jit
@@ -220,7 +220,8 @@ def kv_read_bytes(group: Group, config: ModelConfig, kv_block_bytes, layer_past_
 def plan_groups(groups: Sequence[Group], config: ModelConfig, weight_bytes_of, tokens: int,
                 prefetch_depth: int, kv_block_bytes, layer_past_bytes: int,
                 slab_bytes: int = 0, dequant_bytes_of=None,
-                kv_buffer_persists: bool = False, scratch_bytes_of=None) -> list[GroupPlan]:
+                kv_buffer_persists: bool = False, scratch_bytes_of=None,
+                resident_kv_bytes: int = 0) -> list[GroupPlan]:
     """Memory accounting of every group (design §5): `weight_bytes_of(keys)` gives stored
     bytes; the embed group holds only its tokens' rows. With `slab_bytes` (the prefetcher
     reads every unit into one of depth + 1 slabs of that size), a streamed group's weights
@@ -228,10 +229,13 @@ def plan_groups(groups: Sequence[Group], config: ModelConfig, weight_bytes_of, t
     temporary of a group's largest quantized matrix (quantized checkpoints).
     `kv_buffer_persists` (a cache on disk): KV reads land in one buffer that the cache keeps
     between groups, as large as the plan's largest read, so every group is charged that.
-    `scratch_bytes_of(group)`: XLA's temporaries inside its executable (`xla_scratch_bytes`)."""
+    `scratch_bytes_of(group)`: XLA's temporaries inside its executable (`xla_scratch_bytes`).
+    `resident_kv_bytes`: a cache in RAM, every layer's written rows, held through every group
+    (`kv_store.resident_cache_bytes`) on top of the group's own read."""
     kv = [kv_read_bytes(g, config, kv_block_bytes, layer_past_bytes) for g in groups]
     if kv_buffer_persists and kv:
         kv = [max(kv)] * len(kv)
+    kv = [k + resident_kv_bytes for k in kv]
     streamed = [weight_bytes_of(g.weight_keys) if streams_weights(g) else 0 for g in groups]
     units = [i for i, g in enumerate(groups) if streams_weights(g)]
     rows = []

@@ -179,6 +179,23 @@ def test_quantized_decode_with_the_cache_in_ram_stays_within_its_plan(tmp_path):
     assert measured <= planned + MEMORY_ALLOWANCE_BYTES, (measured / 2**20, planned / 2**20)
 
 
+def test_a_long_context_in_ram_stays_within_its_plan(tmp_path):
+    """A KV cache in RAM large enough to matter (4 layers x 4 kv heads of 64, a 3,000-token
+    prompt: ~23 MiB, three times the allowance) is in the plan, and the decode's measured
+    working set stays within it."""
+    config = dataclasses.replace(km.FAMILY_CONFIGS["llama"], n_layers=4, n_kv_heads=4,
+                                 head_dim=64, max_seq_len=3100)
+    source = km.write_gguf(tmp_path / "long.gguf", config, km.scaled_params(config))
+    prompt_tokens = 3000
+    metrics = decode_memory(tmp_path, "model=tiny", f"model.path={source}", "quant=none",
+                            f"decode.prompt={'a' * (prompt_tokens - 1)}", "schedule.ffn_chunks=3",
+                            f"paths.cache={tmp_path / 'cache'}", schedule="layer")
+    resident_kv = config.n_layers * prompt_tokens * 2 * config.n_kv_heads * config.head_dim * 4
+    planned, measured = metrics["planned_peak_bytes"], metrics["decode_working_set_bytes"]
+    assert planned >= resident_kv > 2 * MEMORY_ALLOWANCE_BYTES, (planned, resident_kv)
+    assert measured <= planned + MEMORY_ALLOWANCE_BYTES, (measured / 2**20, planned / 2**20)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["int8", "gguf_native"])
 def test_smollm2_quantized_decode_with_the_cache_in_ram_stays_within_its_plan(tmp_path, quant):

@@ -2,6 +2,7 @@
 than the heuristics, budgets respected, infeasible budgets explained, and staged == monolithic
 for every budget policy."""
 
+import dataclasses
 import itertools
 import math
 
@@ -12,7 +13,7 @@ import pytest
 
 from stagejax.decode import forward_logits
 from stagejax.executor import StagedDecoder
-from stagejax.kv_cache import KVLayout, read_bytes, stored_row_bytes
+from stagejax.kv_cache import KVLayout, read_bytes, resident_cache_bytes, stored_row_bytes
 from stagejax.loading import open_model
 from stagejax.model_config import ModelConfig
 from stagejax.planner import (BUDGET_POLICIES, InfeasibleBudget, PlanContext, account, make_plan,
@@ -144,6 +145,32 @@ def test_every_group_is_charged_the_disk_caches_largest_read(budget_kb):
         assert largest > 0
         assert all(row.kv_bytes == largest for row in plan.rows)
         assert plan.peak_bytes <= budget_kb * KB
+
+
+def test_a_cache_in_ram_is_charged_to_every_group():
+    """A RAM cache holds every layer's rows through every group: each group's KV is its own
+    read plus the whole resident cache, for fixed and budget policies, and a budget that
+    cannot hold it says so."""
+    layout = ChunkLayout.create(SMALL, ffn_chunks=4, vocab_chunk=20)
+    ram = KVLayout("ram", "head_major", 8)
+    resident = resident_cache_bytes(SMALL, ram, 40)
+    assert resident == SMALL.n_layers * 40 * stored_row_bytes(SMALL, ram, SMALL.n_kv_heads) > 0
+    assert resident_cache_bytes(SMALL, KVLayout("disk", "head_major", 8), 40) == 0
+    base = dataclasses.replace(context(SMALL, layout), kv_on_disk=False)
+    in_ram = dataclasses.replace(base, kv_ram_bytes=resident)
+    stages = build_stages(SMALL, layout)
+    for policy in ("atomic", "op", "layer"):
+        without, charged = make_plan(stages, policy, base), make_plan(stages, policy, in_ram)
+        assert [r.kv_bytes - w.kv_bytes for r, w in zip(charged.rows, without.rows)] == (
+            [resident] * len(charged.rows))
+        assert charged.peak_bytes == without.peak_bytes + resident
+    for policy in BUDGET_POLICIES:
+        plan = make_plan(stages, policy, in_ram, 160 * KB + resident)
+        assert all(row.kv_bytes >= resident for row in plan.rows)
+        assert plan.peak_bytes <= 160 * KB + resident
+    atomic_peak = make_plan(stages, "atomic", base).peak_bytes
+    with pytest.raises(InfeasibleBudget, match="KV cache held in RAM.*cache=disk"):
+        make_plan(stages, "budget", in_ram, atomic_peak + resident // 2)
 
 
 def test_bigger_budgets_give_fewer_groups():

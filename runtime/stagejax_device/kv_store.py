@@ -150,6 +150,15 @@ def read_bytes(config, layout: KVLayout, n_groups: int, rows: int) -> int:
     return rows * stored_row_bytes(config, layout, groups)
 
 
+def resident_cache_bytes(config, layout: KVLayout, rows: int) -> int:
+    """Bytes a cache keeps in RAM for the whole run once `rows` rows are written: every layer's
+    rows for `ram` (its arrays are allocated whole, but a page counts only once written), none
+    for `disk` (its reads are charged per group)."""
+    if layout.location != "ram":
+        return 0
+    return config.n_layers * rows * stored_row_bytes(config, layout, config.n_kv_heads)
+
+
 def cache_capacity(capacity: int, read_tokens: int) -> int:
     """Rows a cache allocates for `capacity`: whole reads of `read_tokens`."""
     return -(-capacity // read_tokens) * read_tokens
