@@ -119,9 +119,9 @@ class StagedDecoder:
       warm_up: compile every executable now (False: only describe them as `programs`, as the
         exporter needs; such a decoder cannot run).
       compile_workers: executables compiled at once. XLA's CPU compiler releases the GIL, so
-        on several cores a plan of tens of executables compiles in a fraction of the time;
-        each concurrent compile holds its own temporaries, so the start-up's high-water RSS
-        can rise (1: one after another).
+        backend compiles overlap (tracing and lowering do not: five knob-matrix cases took
+        ~12% less time with 2 workers on 2 cores); each concurrent compile holds its own
+        temporaries, so the start-up's high-water RSS can rise (1: one after another).
     """
 
     def __init__(self, config: ModelConfig, store, layout: ChunkLayout, policy: str,
