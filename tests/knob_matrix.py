@@ -19,7 +19,8 @@ float32 weights.
 Contract (`check_case`): on the same stored (quantized) weights and the same KV dtype, a staged
 run's prefill logits, >= 8 decode steps' logits and the NLL of a scored window equal the
 monolithic model's full forward within `ATOL`, and its greedy tokens are the monolithic greedy
-tokens. Combinations the project refuses must raise the documented error instead (`REFUSALS`).
+tokens (a deep model with a lossy cache: within its own sensitivity, tokens compared where that
+decides them; `MatrixModel.tolerance`). Combinations the project refuses must raise the documented error instead (`REFUSALS`).
 """
 
 from __future__ import annotations
@@ -329,6 +330,8 @@ class Reference:
     prompt_len: int
     logits: np.ndarray  # [len(tokens), V]
     nll: np.ndarray  # [NLL_WINDOW - 1]: NLL of tokens[1:NLL_WINDOW]
+    atol: float  # what a staged run may differ by (`MatrixModel.tolerance`)
+    decidable: list[bool]  # per generated token: its top-2 gap exceeds twice `atol`
 
     @property
     def greedy(self) -> list[int]:
@@ -342,16 +345,19 @@ class MatrixModel:
     def __init__(self, family: str, directory: Path, config: ModelConfig | None = None,
                  preset: str | None = None, checkpoints: str | Path | None = None,
                  ffn_chunks: int = FFN_CHUNKS, vocab_chunk: int | None = VOCAB_CHUNK,
-                 budget_mb: float | None = None, atol: float = ATOL):
+                 budget_mb: float | None = None, atol: float = ATOL,
+                 lossy_sensitivity: bool = False):
         """`preset`: a real model instead (the slow tier's SmolLM2), converted under
         `checkpoints` (None: the user's `paths.cache`, where runs keep theirs) with these
         chunks; `budget_mb`: the budget policies' (None: `budget_between_atomic_and_layer`);
-        `atol`: its float32 tolerance (lossy KV dtypes get `lossy_atol`)."""
+        `atol`: its float32 tolerance (lossy KV dtypes get `lossy_atol`);
+        `lossy_sensitivity`: a deep model, whose lossy KV dtypes are held to the monolithic
+        model's own sensitivity instead (see `tolerance`)."""
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.checkpoints = self.directory if preset is None else checkpoints
         self.ffn_chunks, self.vocab_chunk, self.budget_mb = ffn_chunks, vocab_chunk, budget_mb
-        self.atol = atol
+        self.atol, self.lossy_sensitivity = atol, lossy_sensitivity
         if preset is not None:
             self.handle = open_model(preset)
         else:
@@ -365,8 +371,32 @@ class MatrixModel:
         self._references: dict[tuple[str, str], Reference] = {}
         self._forward = jax.jit(forward_logits, static_argnums=(0, 3))
 
-    def tolerance(self, kv_dtype: str) -> float:
-        return self.atol if kv_dtype == "float32" else lossy_atol(self.atol)
+    def tolerance(self, kv_dtype: str, sensitivity: float = 0.0) -> float:
+        """float32 caches: `atol`. Lossy ones: `lossy_atol`, or on a model with
+        `lossy_sensitivity` twice `sensitivity`: the largest logit change the monolithic model
+        with the same cache makes when layer 0's norm scale moves by 1e-7 relative (one float32
+        rounding). A rounding step taken differently in one early value is carried and grown
+        through every later layer: SmolLM2 with an int8 cache moves by 0.15-0.30 so (a float32
+        cache: 6e-5), and staged runs differ from the monolithic one by up to 0.24. There the
+        exact equivalence of the lossy paths is the tiny matrix's to show."""
+        if kv_dtype == "float32":
+            return self.atol
+        if not self.lossy_sensitivity:
+            return lossy_atol(self.atol)
+        return max(lossy_atol(self.atol), 2 * sensitivity)
+
+    def sensitivity(self, params, ids, kv_dtype: str, logits: np.ndarray) -> float:
+        """Largest logit change when layer 0's norm scale moves by +-1e-7 relative."""
+        changes = []
+        for eps in (1e-7, -1e-7):
+            moved = jax.tree_util.tree_map(lambda x: x, params)
+            layer = dict(moved["L0"])
+            layer["attn_norm"] = {**layer["attn_norm"],
+                                  "scale": layer["attn_norm"]["scale"] * np.float32(1 + eps)}
+            moved["L0"] = layer
+            other = np.asarray(self._forward(self.config, moved, ids, kv_dtype))[0]
+            changes.append(float(np.max(np.abs(other - logits))))
+        return max(changes)
 
     def settings(self, case: "Case", prefill_block: int = PREFILL_BLOCK) -> RunSettings:
         budget_mb = self.budget_mb
@@ -435,12 +465,21 @@ class MatrixModel:
                     tokens.append(int(np.argmax(logits)))
                 logits = forward(tokens)
                 top2 = np.sort(logits[prompt_len - 1:-1], axis=-1)[:, -2:]
-                if np.all(top2[:, 1] - top2[:, 0] > 4 * self.tolerance(kv_dtype)) or prompt is not None:
+                gaps = top2[:, 1] - top2[:, 0]
+                if kv_dtype != "float32" and self.lossy_sensitivity:
+                    # The tolerance is the model's own noise: tokens are compared where it
+                    # cannot decide them (teacher-forced, so later steps stay comparable).
+                    ids = jnp.asarray([tokens + [0] * (length - len(tokens))])
+                    atol = self.tolerance(kv_dtype, self.sensitivity(params, ids, kv_dtype, logits))
+                    break
+                atol = self.tolerance(kv_dtype)
+                if np.all(gaps > 4 * atol) or prompt is not None:
                     break
             window = min(NLL_WINDOW, len(tokens))
             log_probs = np.asarray(jax.nn.log_softmax(jnp.asarray(logits[:window - 1]), axis=-1))
             nll = -np.take_along_axis(log_probs, np.asarray(tokens[1:window])[:, None], 1)[:, 0]
-            self._references[key] = Reference(tokens, prompt_len, logits, nll)
+            self._references[key] = Reference(tokens, prompt_len, logits, nll, atol,
+                                              [bool(g > 2 * atol) for g in gaps])
         return self._references[key]
 
     def close(self) -> None:
@@ -495,8 +534,8 @@ def check_case(case: Case, model: MatrixModel,
     decoder after it is built (the mutation tests). Raises AssertionError on any difference."""
     refusal = case.refusal()
     settings = model.settings(case)
-    atol = model.tolerance(case.kv_dtype)
     reference = model.reference(case.quant, case.kv_dtype)
+    atol = reference.atol
     store = model.store(case.quant)
     capacity = model.capacity(case.quant, case.kv_dtype)
     if refusal is not None:
@@ -521,7 +560,10 @@ def check_case(case: Case, model: MatrixModel,
             logits = decoder.step(tokens[position], position)
             _close(logits, reference.logits[position], f"decode step at position {position}", atol)
             got.append(int(np.argmax(np.asarray(logits))))
-        assert got == reference.greedy, f"greedy tokens {got} != monolithic {reference.greedy}"
+        decided = [(g, r) for g, r, d in zip(got, reference.greedy, reference.decidable) if d]
+        assert all(g == r for g, r in decided), (
+            f"greedy tokens {got} != monolithic {reference.greedy} (compared where decidable: "
+            f"{reference.decidable})")
         nll = decoder.token_nll(tokens[:len(reference.nll) + 1])
         _close(nll, reference.nll, "NLL", atol)
     finally:
