@@ -6,11 +6,13 @@ process once per schedule, so every memory figure is its own:
     prompt, `--new-tokens` timed decode steps, then perplexity on the first `--ppl-chunks`
     chunks of wiki.test.raw (n_ctx 512, llama.cpp procedure) through the same stored weights;
   - `atomic` (every stage streams its weights as stored bytes): the same prompt and decode.
-Reported per scheme: stored weight bytes, bytes streamed per token (atomic), tokens/s (atomic,
-model), measured decode peaks, perplexity. `--matvec` adds the dequantize-then-dot formulations
+`--rounds` repeats every (scheme, schedule) run in interleaved rounds (each once, then again);
+cells give the median over rounds. Reported per scheme: stored weight bytes, bytes streamed per
+token (atomic), tokens/s (atomic, model), the whole process's peak RSS, the decode's working set
+above the runtime baseline beside the plan's prediction (atomic), perplexity. `--matvec` adds the dequantize-then-dot formulations
 measured on a 1536x576 matvec (what chose the stored layouts, see docs/quantization.md).
 
-    .venv/bin/python experiments/bench_quant.py                      # SmolLM2, all schemes
+    .venv/bin/python experiments/bench_quant.py --rounds 2           # SmolLM2, all schemes
     .venv/bin/python experiments/bench_quant.py --matvec-only        # formulations only
     .venv/bin/python experiments/bench_quant.py --model tiny64 --schemes none,int8 \\
         --ppl-chunks 1 --new-tokens 4 --prompt-chars 200 --out /tmp/q  # a quick check
@@ -169,6 +171,19 @@ def matvec_table(rows: list[dict]) -> list[str]:
 # -- the runs ------------------------------------------------------------------------------------
 
 
+def median_run(runs: list[dict]) -> dict:
+    """One row from rounds of the same run: the median of each number (rounds in `*_rounds`)."""
+    import statistics
+
+    merged = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+            merged[key] = statistics.median(values)
+            merged[key + "_rounds"] = values
+    return merged
+
+
 def summarize(rows: dict, args, matvec: list[dict] | None) -> tuple[str, dict]:
     lines = [
         f"{args.model}, context {args.n_ctx} (a WikiText-2 prompt of "
@@ -176,10 +191,15 @@ def summarize(rows: dict, args, matvec: list[dict] | None) -> tuple[str, dict]:
         f"{args.new_tokens} decode steps), KV on disk (kv_block {args.kv_block}), ffn_chunks "
         f"{args.ffn_chunks}, vocab_chunk {args.vocab_chunk}, prefetch depth {args.prefetch_depth}; "
         f"perplexity: first {args.ppl_chunks} chunks of wiki.test.raw through `model` with the "
-        "stored weights. Each run in a fresh process.", "",
+        f"stored weights. Each run in a fresh process, {args.rounds} interleaved round(s); cells "
+        "are medians over rounds (MB = 2^20 bytes). Whole process: the run's peak RSS (for "
+        "`model` it includes the perplexity phase). Working set: the decode's peak above the "
+        "runtime baseline (`decode_working_set_bytes`), beside the plan's prediction for atomic "
+        "(dequantized temporaries and XLA's temporaries charged).", "",
         "| quant | stored MB | MB streamed/token (atomic) | tokens/s atomic | tokens/s model | "
-        "decode peak MB atomic | decode peak MB model | PPL | ± |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        "whole process MB atomic | whole process MB model | working set MB atomic (planned) | "
+        "working set MB model | PPL | ± |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     summary = {"settings": vars(args), "runs": rows}
     none_ppl = rows.get("none", {}).get("model", {}).get("ppl")
     for scheme, by in rows.items():
@@ -188,8 +208,11 @@ def summarize(rows: dict, args, matvec: list[dict] | None) -> tuple[str, dict]:
         lines.append(
             f"| {scheme} | {get(m or a, 'weight_bytes', 2**-20, '{:.1f}')} | "
             f"{get(a, 'bytes_streamed_per_token', 2**-20, '{:.1f}')} | {get(a, 'decode_tokens_per_s')} | "
-            f"{get(m, 'decode_tokens_per_s')} | {get(a, 'peak_rss_decode_bytes', 2**-20, '{:.1f}')} | "
-            f"{get(m, 'peak_rss_decode_bytes', 2**-20, '{:.1f}')} | {get(m, 'ppl', 1, '{:.4f}')} | "
+            f"{get(m, 'decode_tokens_per_s')} | {get(a, 'peak_rss_bytes', 2**-20, '{:.1f}')} | "
+            f"{get(m, 'peak_rss_bytes', 2**-20, '{:.1f}')} | "
+            f"{get(a, 'decode_working_set_bytes', 2**-20, '{:.1f}')} "
+            f"({get(a, 'planned_peak_bytes', 2**-20, '{:.1f}')}) | "
+            f"{get(m, 'decode_working_set_bytes', 2**-20, '{:.1f}')} | {get(m, 'ppl', 1, '{:.4f}')} | "
             f"{get(m, 'ppl_stderr', 1, '{:.4f}')} |")
     if none_ppl:
         lines += ["", "Perplexity relative to `none`: " + ", ".join(
@@ -217,6 +240,7 @@ def main():
     parser.add_argument("--prompt-chars", type=int, default=1820)  # ~480 SmolLM2 tokens
     parser.add_argument("--ppl-chunks", type=int, default=20)
     parser.add_argument("--n-ctx", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of every run")
     parser.add_argument("--cache", default=None, help="paths.cache (default: $STAGEJAX_CACHE)")
     parser.add_argument("--matvec", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure the matvec formulations (default on)")
@@ -226,8 +250,8 @@ def main():
     args = parser.parse_args()
     out = Path(args.out)
     if args.one:
-        scheme, policy = args.one.split("/")
-        run_one(scheme, policy, out / scheme / policy, args)
+        scheme, policy, round_index = args.one.split("/")
+        run_one(scheme, policy, out / scheme / policy / f"round{round_index}", args)
         return
 
     from stagejax_device.results import atomic_write_json, atomic_write_text
@@ -250,14 +274,20 @@ def main():
                           "new_tokens", "prompt_chars", "ppl_chunks", "n_ctx")]
     forwarded += [f"--out={out}"] + ([f"--model-path={args.model_path}"] if args.model_path else [])
     forwarded += [f"--cache={args.cache}"] if args.cache else []
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for round_index in range(args.rounds):
+        for scheme in args.schemes.split(","):
+            for policy in args.policies.split(","):
+                print(f"round {round_index + 1}/{args.rounds}: quant={scheme} schedule={policy} ...",
+                      flush=True)
+                run_dir = out / scheme / policy / f"round{round_index}"
+                subprocess.run([sys.executable, __file__, f"--one={scheme}/{policy}/{round_index}",
+                                *forwarded], check=True)
+                runs.setdefault((scheme, policy), []).append(
+                    json.loads((run_dir / "metrics.json").read_text()))
     rows: dict[str, dict] = {}
-    for scheme in args.schemes.split(","):
-        for policy in args.policies.split(","):
-            print(f"running quant={scheme} schedule={policy} ...", flush=True)
-            subprocess.run([sys.executable, __file__, f"--one={scheme}/{policy}", *forwarded],
-                           check=True)
-            metrics = json.loads((out / scheme / policy / "metrics.json").read_text())
-            rows.setdefault(scheme, {})[policy] = metrics
+    for (scheme, policy), rounds in runs.items():
+        rows.setdefault(scheme, {})[policy] = median_run(rounds)
     table, summary = summarize(rows, args, matvec)
     print(table)
     atomic_write_json(out / "summary.json", summary)

@@ -43,6 +43,14 @@ class PerplexityResult:
         return cls(ppl, stderr, mean, len(nlls), n_chunks, n_ctx, procedure)
 
 
+def tokens_scored(procedure: str, n_ctx: int, n_chunks: int, stride: int | None = None) -> int:
+    """How many of the text's first tokens a procedure reads for `n_chunks` chunks (windows):
+    encoding more changes nothing but the memory and time it takes."""
+    if procedure == "llama_cpp":
+        return n_chunks * n_ctx
+    return (n_chunks - 1) * stride + n_ctx
+
+
 def perplexity_llama_cpp(nll_fn: NllFn, tokens: Sequence[int], n_ctx: int,
                          n_chunks: int | None = None, progress: bool = True) -> PerplexityResult:
     """llama.cpp's procedure over the first `n_chunks` chunks (all that fit when None)."""

@@ -23,12 +23,13 @@ from stagejax_device.weight_store import ZeroWeights
 from stagejax.activation_store import ActivationStore
 from stagejax.quant import largest_dequantized_bytes
 from stagejax_device.coalesce import CoalescingPrefetcher
+from stagejax.loading import return_free_heap
 from stagejax.kv_cache import (HostKVCache, KVLayout, aligned_empty, resident_cache_bytes, stored_kv,
                                stored_kv_group)
 from stagejax.model_config import ModelConfig
 from stagejax.sampling import SamplingConfig, sample_token
 from stagejax.scheduler import (Group, GroupPlan, group_stages, kv_flush_points, plan_groups,
-                                streams_weights, xla_scratch_bytes)
+                                resident_state_bytes, streams_weights, xla_scratch_bytes)
 from stagejax.stages import (STAGE_FNS, ChunkLayout, Stage, attention_block_step, attn_layer_fn, build_stages,
                              init_state, kv_groups_of, scored_nll, stage_index_value)
 from stagejax import ops
@@ -419,7 +420,8 @@ class StagedDecoder:
 
     # ---- planning --------------------------------------------------------------------------
 
-    def plan(self, tokens: int = 1) -> list[GroupPlan]:
+    def plan(self, tokens: int = 1, scoring: bool = False) -> list[GroupPlan]:
+        """Per group, the memory of a pass of `tokens` tokens (a perplexity pass if `scoring`)."""
         return plan_groups(self.groups, self.config, self.store.nbytes, tokens, self.prefetch_depth,
                            lambda n_groups: self.cache.block_bytes(n_groups, self.kv_block),
                            self.cache.layer_bytes(),
@@ -427,9 +429,13 @@ class StagedDecoder:
                            lambda keys: largest_dequantized_bytes(keys, self.store.manifest.arrays),
                            kv_buffer_persists=self.kv_layout.location == "disk",
                            scratch_bytes_of=lambda group: xla_scratch_bytes(
-                               group, self.config, tokens, self.kv_block, self.cache.capacity),
+                               group, self.config, tokens, self.kv_block, self.cache.capacity,
+                               scoring, self.layout),
                            resident_kv_bytes=resident_cache_bytes(self.config, self.kv_layout,
-                                                                  self.rows_writable))
+                                                                  self.rows_writable),
+                           scoring=scoring,
+                           resident_state=0 if self.activation_store is not None
+                           else resident_state_bytes(self.config, tokens, scoring))
 
     # ---- running ---------------------------------------------------------------------------
 
@@ -600,6 +606,7 @@ class StagedDecoder:
             chunk = prompt_ids[start:start + self.prefill_block]
             padded = chunk + [0] * (self.prefill_block - len(chunk))
             state = self.run_pass(padded, start, len(chunk))
+            return_free_heap()  # the pass's freed temporaries: not the next pass's working set
         return state["logits"]
 
     def step(self, token: int, position: int) -> jax.Array:
@@ -619,7 +626,8 @@ class StagedDecoder:
             padded = chunk + [0] * (self.prefill_block - len(chunk))
             targets = targets + [0] * (self.prefill_block - n_real)
             state = self.run_pass(padded, start, len(chunk), targets)
-            nll.append(np.asarray(scored_nll(state))[:n_real])
+            nll.append(np.asarray(scored_nll(state))[:n_real].copy())
+            return_free_heap()  # as prefill
         return np.concatenate(nll)
 
     def release_pass_buffers(self, keep_tokens: int = 1) -> None:

@@ -41,7 +41,7 @@ from stagejax.kv_cache import (KVLayout, cache_capacity, read_bytes as kv_read_b
 from stagejax.planner import PlanContext, make_plan, warm_group_time
 from stagejax.quant import largest_dequantized_bytes
 from stagejax.loading import open_model, release_freed_memory, use_one_malloc_arena
-from stagejax.evaluation import perplexity_llama_cpp, perplexity_strided
+from stagejax.evaluation import perplexity_llama_cpp, perplexity_strided, tokens_scored
 from stagejax_device.results import atomic_write_json
 from stagejax.sampling import SamplingConfig
 from stagejax.scheduler import GroupPlan, streams_weights
@@ -66,6 +66,10 @@ def plan_context(settings: RunSettings, config, layout: ChunkLayout, store: Weig
     arrays = store.manifest.arrays
     kv_block = schedule.kv_block
     rows = cache_capacity(max(capacity, schedule.prefill_block), kv_block)
+    # The passes the run makes besides decode steps, over the same groups: the prompt's, and
+    # perplexity's when it scores text (StagedDecoder.pass_kinds).
+    passes = {(schedule.prefill_block, False)} | ({(schedule.prefill_block, True)}
+                                                  if settings.eval.ppl_chunks else set())
     return PlanContext(
         config=config, layout=layout, stored_bytes=store.nbytes,
         slab_bytes_of=lambda keys: sum(-(-arrays[k].nbytes // ALIGN_BYTES) * ALIGN_BYTES for k in keys),
@@ -76,7 +80,9 @@ def plan_context(settings: RunSettings, config, layout: ChunkLayout, store: Weig
         kv_bits=stored_row_bytes(config, kv_layout, 1) * 8 / (2 * config.head_dim),
         kv_on_disk=kv_layout.location == "disk",
         kv_ram_bytes=resident_cache_bytes(config, kv_layout, max(capacity, schedule.prefill_block)),
-        dequant_bytes_of=lambda keys: largest_dequantized_bytes(keys, arrays))
+        dequant_bytes_of=lambda keys: largest_dequantized_bytes(keys, arrays),
+        activations_in_ram=schedule.activations == "ram",
+        other_passes=tuple(sorted(passes - {(1, False)})))
 
 
 def live_jax_bytes() -> int:
@@ -345,6 +351,7 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
 
     def before_decode():
         decode_io["first_token_age_s"] = measure.process_age_s()
+        decode_io["prefill_peak"] = peak.phase_peak_bytes()
         if run.staged is not None:
             run.staged.release_pass_buffers(keep_tokens=1)
         release_freed_memory()  # prefill's freed temporaries are not the decode's working set
@@ -355,6 +362,7 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
             on_decode_start(baseline_rss)
 
     phases.enter("prefill")
+    peak.start_phase()
     generation = run_generation(session, ids, max_new, settings.seed, config.eos_token_id,
                                 handle.tokenizer.decode, run.compile_s, before_decode=before_decode,
                                 keys=keys)
@@ -379,6 +387,8 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
         "decode_working_set_bytes": peak_decode - baseline_rss,
         "peak_rss_decode_bytes": peak_decode - baseline_rss,  # the working set's earlier name
         "planned_peak_bytes": max(row.peak_bytes for row in plan),
+        "prefill_peak_rss_bytes": decode_io.get("prefill_peak"),
+        "prefill_working_set_bytes": decode_io["prefill_peak"] - baseline_rss if "prefill_peak" in decode_io else None,
         "n_stages": run.n_stages,
         "n_groups": run.n_groups,
         "compile_s": run.compile_s,
@@ -405,6 +415,8 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
     measured_step = 1 / generation.decode_tokens_per_s if generation.decode_tokens_per_s else float("nan")
     if run.staged is not None:
         planned = run.planned
+        for name, pass_plan in planned.passes.items():
+            metrics[f"planned_{name}_peak_bytes"] = pass_plan.peak_bytes
         metrics.update(predicted_step_s=planned.predicted_step_s,
                        predicted_pipeline_step_s=planned.pipeline_step_s,
                        measured_step_s=measured_step, device=run.planner_context.device.name)
@@ -417,8 +429,14 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
 
     if settings.eval.ppl_chunks:
         phases.enter("perplexity")
+        release_freed_memory()
+        peak.start_phase()  # the text, its tokens and the scoring passes: the phase's working set
         text = data.read_text(settings.eval.dataset, settings.paths.data, settings.eval.text_mode)
-        tokens = handle.tokenizer.encode(text)
+        # In pieces, and only the tokens scored: the text's full encoding is never held.
+        tokens = handle.tokenizer.encode_array(text, tokens_scored(
+            settings.eval.procedure, n_ctx, settings.eval.ppl_chunks, settings.eval.stride))
+        del text
+        release_freed_memory()  # the text's buffers, before the passes that the plan bounds
         nll_fn = run.nll_fn()
         if settings.eval.procedure == "llama_cpp":
             result = perplexity_llama_cpp(nll_fn, tokens, n_ctx, settings.eval.ppl_chunks, progress)
@@ -428,7 +446,9 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
         metrics.update(ppl=result.ppl, ppl_stderr=result.ppl_stderr, ppl_chunks=result.n_chunks,
                        n_ctx=n_ctx, ppl_procedure=result.procedure,
                        ppl_scored_tokens=result.n_scored_tokens,
-                       ppl_text_mode=settings.eval.text_mode)
+                       ppl_text_mode=settings.eval.text_mode,
+                       ppl_peak_rss_bytes=peak.phase_peak_bytes())
+        metrics["ppl_working_set_bytes"] = metrics["ppl_peak_rss_bytes"] - baseline_rss
 
     phases.enter("write")
     metrics["peak_rss_bytes"] = max(peak.overall_bytes, measure.peak_rss_bytes())

@@ -79,6 +79,17 @@ def release_freed_memory() -> None:
     the heap and in RSS; malloc_trim gives them back.
     """
     gc.collect()
+    return_free_heap()
+
+
+def return_free_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim), wherever they lie.
+
+    Buffers of a few MB that XLA and numpy free come back from the heap rather than their own
+    mappings once glibc's sliding mmap threshold has risen, and freed pages between live ones
+    stay resident: over the 32 passes of a 2,048-token window a tiny model's RSS grew 34 MB
+    above its live memory, all of it returned by one trim. A no-op off glibc.
+    """
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:  # not glibc: nothing to trim
@@ -93,9 +104,13 @@ def use_one_malloc_arena() -> None:
     working set. Call before threads start; a no-op off glibc.
     """
     M_ARENA_MAX = -8  # from glibc's malloc.h
+    _mallopt(M_ARENA_MAX, 1)
+
+
+def _mallopt(option: int, value: int) -> None:
     try:
-        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, 1)
-    except (OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(option, value)
+    except (OSError, AttributeError):  # not glibc
         pass
 
 
@@ -131,11 +146,12 @@ def open_model(name: str = "smollm2_135m", path: str | None = None, seed: int = 
 
     if path is None:
         raise ValueError(f"model preset {name!r} reads a Hugging Face directory: set model.path")
-    imported = read_hf_dir(path)
-    tokenizer = imported.tokenizer or byte_tokenizer(imported.config.vocab_size,
-                                                      imported.config.eos_token_id)
-    return ModelHandle(name, imported.config, tokenizer, "hf", str(imported.source_path),
-                       lambda: imported.params)
+    # The description now, the weights when loaded: nothing here keeps them alive afterwards.
+    described = read_hf_dir(path, with_params=False)
+    tokenizer = described.tokenizer or byte_tokenizer(described.config.vocab_size,
+                                                       described.config.eos_token_id)
+    return ModelHandle(name, described.config, tokenizer, "hf", str(described.source_path),
+                       lambda: read_hf_dir(path).params)
 
 
 def load_model(name: str = "smollm2_135m", path: str | None = None, seed: int = 0) -> Model:

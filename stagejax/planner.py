@@ -45,8 +45,8 @@ from typing import Callable, Sequence
 from stagejax import roofline
 from stagejax.model_config import ModelConfig
 from stagejax.scheduler import (FIXED_POLICIES, Group, GroupPlan, activation_bytes,
-                                group_stages, kv_read_bytes, plan_groups, streams_weights,
-                                xla_scratch_bytes)
+                                group_stages, kv_read_bytes, plan_groups, resident_state_bytes,
+                                streams_weights, xla_scratch_bytes)
 from stagejax.stages import ChunkLayout, Stage
 
 BUDGET_POLICIES = ("budget", "similar_size", "optimal")
@@ -88,16 +88,24 @@ class Plan:
     slab_bytes: int
     predicted_step_s: float
     pipeline_step_s: float
+    # The run's other passes with the same groups (`pass_name` -> their plan): prefill and
+    # scoring passes hold more tokens' activations and XLA temporaries than a decode step.
+    passes: dict[str, "Plan"] = dataclasses.field(default_factory=dict)
 
     @property
     def peak_bytes(self) -> int:
         return max(r.peak_bytes for r in self.rows)
+
+    @property
+    def every_pass_peak_bytes(self) -> int:
+        return max([self.peak_bytes] + [p.peak_bytes for p in self.passes.values()])
 
     def to_json(self) -> dict:
         return {"policy": self.policy, "budget_bytes": self.budget_bytes,
                 "slab_bytes": self.slab_bytes, "peak_bytes": self.peak_bytes,
                 "predicted_step_s": self.predicted_step_s,
                 "pipeline_step_s": self.pipeline_step_s,
+                "pass_peak_bytes": {name: p.peak_bytes for name, p in self.passes.items()},
                 "groups": [dataclasses.asdict(r) for r in self.rows]}
 
     def table(self, max_rows: int | None = 40) -> str:
@@ -107,7 +115,9 @@ class Plan:
         lines = [f"plan: {self.policy}, {len(self.rows)} groups, peak {self.peak_bytes / MB:.2f} MB"
                  + (f" (budget {self.budget_bytes / MB:.2f} MB)" if self.budget_bytes else "")
                  + f", predicted step {self.predicted_step_s * 1e3:.1f} ms"
-                 f" (pipeline model {self.pipeline_step_s * 1e3:.1f} ms)", head, "-" * len(head)]
+                 f" (pipeline model {self.pipeline_step_s * 1e3:.1f} ms)"]
+        lines += [f"  {name} passes: peak {p.peak_bytes / MB:.2f} MB" for name, p in self.passes.items()]
+        lines += [head, "-" * len(head)]
         rows = self.rows
         shown = rows if max_rows is None or len(rows) <= max_rows else (
             rows[:max_rows // 2] + [None] + rows[-max_rows // 2:])
@@ -152,33 +162,54 @@ class PlanContext:
     kv_resident_bytes: int = 0
     # A cache in RAM: every layer's rows up to the context, resident through every group.
     kv_ram_bytes: int = 0
+    scoring: bool = False  # the pass planned is a perplexity pass (tokens > 1)
+    activations_in_ram: bool = True  # else in external memory: a group holds only its own entries
+    # (tokens, scoring) of the run's other passes over the same groups: a budget policy packs
+    # groups so that every pass fits, and a budget is checked against each.
+    other_passes: tuple[tuple[int, bool], ...] = ()
 
     def __post_init__(self):
         self._time_cache: dict[tuple, tuple[float, float, float]] = {}
 
     # ---- per group --------------------------------------------------------------------------
 
-    def fixed_bytes(self, group: Group) -> int:
-        """Activation + KV bytes a group holds (everything but weights and slabs)."""
+    def resident_state(self, tokens: int, scoring: bool) -> int:
+        return resident_state_bytes(self.config, tokens, scoring) if self.activations_in_ram else 0
+
+    def fixed_bytes(self, group: Group, tokens: int | None = None, scoring: bool | None = None) -> int:
+        """Activation + KV bytes a group holds (everything but weights and slabs) in a pass of
+        `tokens` tokens (default: the pass planned)."""
+        tokens = self.tokens if tokens is None else tokens
+        scoring = self.scoring if scoring is None else scoring
         kv = kv_read_bytes(group, self.config, self.kv_block_bytes, self.kv_layer_bytes)
         if self.kv_on_disk:
             kv = max(kv, self.kv_resident_bytes)
         kv += self.kv_ram_bytes
-        return (activation_bytes(group, self.config, self.tokens) + kv
-                + (self.dequant_bytes_of(group.weight_keys) if self.dequant_bytes_of else 0)
-                + self.scratch_bytes(group))
+        return (activation_bytes(group, self.config, tokens, scoring, self.resident_state(tokens, scoring))
+                + kv + (self.dequant_bytes_of(group.weight_keys) if self.dequant_bytes_of else 0)
+                + xla_scratch_bytes(group, self.config, tokens, self.kv_block, self.past_rows,
+                                    scoring, self.layout))
 
     def scratch_bytes(self, group: Group) -> int:
-        return xla_scratch_bytes(group, self.config, self.tokens, self.kv_block, self.past_rows)
+        return xla_scratch_bytes(group, self.config, self.tokens, self.kv_block, self.past_rows,
+                                 self.scoring, self.layout)
 
     def peak(self, group: Group, slab: int) -> int:
-        """The group's budget accounting with slabs of `slab` bytes (as `plan_groups`)."""
-        if group.kind == "embed":
-            own = self.tokens * self.config.d_model * 4 * (2 if self.config.family == "gpt2" else 1)
-        else:
-            own = slab if streams_weights(group) else 0
+        """The group's budget accounting with slabs of `slab` bytes (as `plan_groups`), in the
+        most demanding of the passes planned for (this one and `other_passes`)."""
         ahead = self.prefetch_depth * slab
-        return own + self.fixed_bytes(group) + ahead
+        peaks = []
+        for tokens, scoring in ((self.tokens, self.scoring),) + self.other_passes:
+            if group.kind == "embed":
+                own = tokens * self.config.d_model * 4 * (2 if self.config.family == "gpt2" else 1)
+            else:
+                own = slab if streams_weights(group) else 0
+            peaks.append(own + self.fixed_bytes(group, tokens, scoring) + ahead)
+        return max(peaks)
+
+    def for_pass(self, tokens: int, scoring: bool) -> "PlanContext":
+        """This context planning one pass of `tokens` tokens and nothing else."""
+        return dataclasses.replace(self, tokens=tokens, scoring=scoring, other_passes=())
 
     def unit_bytes(self, group: Group) -> int:
         return self.slab_bytes_of(group.weight_keys) if streams_weights(group) else 0
@@ -433,20 +464,63 @@ def make_plan(stages: Sequence[Stage], policy: str, ctx: PlanContext,
     else:
         groups = group_stages(stages, policy, ctx.config)
     plan = account(policy, groups, ctx, budget_bytes)
-    if budget_bytes is not None and plan.peak_bytes > budget_bytes:
-        worst = max(plan.rows, key=lambda r: r.peak_bytes)
-        raise InfeasibleBudget(
-            f"schedule.policy={policy} needs {plan.peak_bytes / MB:.2f} MB (group {worst.group_id}: "
-            f"weights {worst.weight_bytes / MB:.2f} MB in a {worst.buffer_bytes / MB:.2f} MB slab, "
-            f"{worst.prefetch_bytes / MB:.2f} MB read ahead, activations+KV "
-            f"{(worst.activation_bytes + worst.kv_bytes) / MB:.2f} MB"
-            + (f" ({ctx.kv_ram_bytes / MB:.2f} MB of it the KV cache in RAM; cache=disk streams it)"
-               if ctx.kv_ram_bytes else "")
-            + f", XLA temporaries "
-            f"{worst.scratch_bytes / MB:.2f} MB) but schedule.budget_mb="
-            f"{budget_bytes / MB:.4g}; use a budget policy (budget, similar_size, optimal) or a "
-            f"budget of at least {math.ceil(plan.peak_bytes / MB * 100) / 100:g} MB")
+    plan.passes = {pass_name(tokens, scoring): account(policy, groups, ctx.for_pass(tokens, scoring),
+                                                       budget_bytes)
+                   for tokens, scoring in ctx.other_passes}
+    if budget_bytes is not None:
+        for name, planned in [(pass_name(ctx.tokens, ctx.scoring), plan), *plan.passes.items()]:
+            if planned.peak_bytes > budget_bytes:
+                raise _over_budget(policy, groups, planned, name, ctx, budget_bytes)
     return plan
+
+
+def pass_name(tokens: int, scoring: bool) -> str:
+    return "scoring" if scoring else ("decode" if tokens == 1 else "prefill")
+
+
+def _pass_tokens(ctx: PlanContext, name: str) -> int:
+    return next((t for t, sc in ((ctx.tokens, ctx.scoring),) + ctx.other_passes
+                 if pass_name(t, sc) == name), ctx.tokens)
+
+
+def _pass_words(name: str, tokens: int) -> str:
+    """How a message names a pass: decode steps are what a plan is for; the others are said."""
+    return "" if name == "decode" else f" in its {name} passes of {tokens} tokens"
+
+
+def _over_budget(policy: str, groups, planned: Plan, name: str, ctx: PlanContext,
+                 budget_bytes: int) -> InfeasibleBudget:
+    worst = max(planned.rows, key=lambda r: r.peak_bytes)
+    tokens = _pass_tokens(ctx, name)
+    return InfeasibleBudget(
+        f"schedule.policy={policy} needs {planned.peak_bytes / MB:.2f} MB{_pass_words(name, tokens)} "
+        f"(group {worst.group_id}: "
+        f"weights {worst.weight_bytes / MB:.2f} MB in a {worst.buffer_bytes / MB:.2f} MB slab, "
+        f"{worst.prefetch_bytes / MB:.2f} MB read ahead, activations+KV "
+        f"{(worst.activation_bytes + worst.kv_bytes) / MB:.2f} MB"
+        + (f" ({ctx.kv_ram_bytes / MB:.2f} MB of it the KV cache in RAM; cache=disk streams it)"
+           if ctx.kv_ram_bytes else "")
+        + f", XLA temporaries "
+        f"{worst.scratch_bytes / MB:.2f} MB) but schedule.budget_mb="
+        f"{budget_bytes / MB:.4g}; use a budget policy (budget, similar_size, optimal) or a "
+        f"budget of at least {math.ceil(planned.peak_bytes / MB * 100) / 100:g} MB"
+        + _prefill_block_hint(policy, groups, ctx, name, tokens, budget_bytes))
+
+
+def _prefill_block_hint(policy: str, groups, ctx: PlanContext, name: str, tokens: int,
+                        budget_bytes: int) -> str:
+    """For a prefill or scoring pass over the budget: the largest smaller prefill_block with
+    which the same groups fit (fewer tokens hold fewer activations and temporaries)."""
+    if name == "decode":
+        return ""
+    kinds = {scoring for _, scoring in ctx.other_passes} | {name == "scoring"}
+    smaller = tokens // 2
+    while smaller >= 1:  # every pass kind the run makes must fit at that size
+        if all(account(policy, groups, ctx.for_pass(smaller, scoring)).peak_bytes <= budget_bytes
+               for scoring in kinds):
+            return f", or schedule.prefill_block={smaller} (passes of fewer tokens)"
+        smaller //= 2
+    return ""
 
 
 def account(policy: str, groups: Sequence[Group], ctx: PlanContext,
@@ -458,7 +532,8 @@ def account(policy: str, groups: Sequence[Group], ctx: PlanContext,
                                           ctx.prefetch_depth, ctx.kv_block_bytes, ctx.kv_layer_bytes,
                                           slab, ctx.dequant_bytes_of, kv_buffer_persists=ctx.kv_on_disk,
                                           scratch_bytes_of=ctx.scratch_bytes,
-                                          resident_kv_bytes=ctx.kv_ram_bytes)
+                                          resident_kv_bytes=ctx.kv_ram_bytes, scoring=ctx.scoring,
+                                          resident_state=ctx.resident_state(ctx.tokens, ctx.scoring))
     rows, costs = [], []
     for group, mem in zip(groups, memory):
         objective, compute, load = ctx.time(group)
@@ -478,14 +553,23 @@ def account(policy: str, groups: Sequence[Group], ctx: PlanContext,
 
 
 def check_atomic_fits(stages: Sequence[Stage], ctx: PlanContext, budget_bytes: int) -> None:
-    """Raise `InfeasibleBudget` if even the atomic grouping exceeds the budget."""
-    atomic = account("atomic", [Group((s,)) for s in stages], ctx)
+    """Raise `InfeasibleBudget` if even the atomic grouping exceeds the budget in any pass."""
+    name, atomic = _worst_atomic_pass(stages, ctx)
     if atomic.peak_bytes > budget_bytes:
-        raise _infeasible(stages, ctx, budget_bytes, atomic)
+        raise _infeasible(stages, ctx, budget_bytes, (name, atomic))
 
 
-def _infeasible(stages, ctx: PlanContext, budget_bytes: int, atomic: Plan | None = None) -> InfeasibleBudget:
-    atomic = atomic or account("atomic", [Group((s,)) for s in stages], ctx)
+def _worst_atomic_pass(stages, ctx: PlanContext) -> tuple[str, Plan]:
+    """(pass name, atomic plan) of the pass whose atomic grouping needs the most memory."""
+    plans = [(pass_name(t, sc), account("atomic", [Group((s,)) for s in stages], ctx.for_pass(t, sc)))
+             for t, sc in ((ctx.tokens, ctx.scoring),) + ctx.other_passes]
+    return max(plans, key=lambda named: named[1].peak_bytes)
+
+
+def _infeasible(stages, ctx: PlanContext, budget_bytes: int,
+                worst_pass: tuple[str, Plan] | None = None) -> InfeasibleBudget:
+    name, atomic = worst_pass or _worst_atomic_pass(stages, ctx)
+    tokens = _pass_tokens(ctx, name)
     worst = max(atomic.rows, key=lambda r: r.peak_bytes)
     largest = max(atomic.rows, key=lambda r: r.weight_bytes if r.kind != "embed" else 0)
     need = atomic.peak_bytes
@@ -493,9 +577,11 @@ def _infeasible(stages, ctx: PlanContext, budget_bytes: int, atomic: Plan | None
     if ctx.kv_ram_bytes:
         hint += (f"; {ctx.kv_ram_bytes / MB:.2f} MB of it is the KV cache held in RAM "
                  f"(cache=disk streams it in blocks)")
+    hint += _prefill_block_hint("atomic", atomic.groups, ctx, name, tokens, budget_bytes)
     return InfeasibleBudget(
         f"schedule.budget_mb={budget_bytes / MB:.4g} is infeasible: stage {worst.group_id} alone "
-        f"needs {worst.peak_bytes / MB:.2f} MB (its weights {worst.weight_bytes / MB:.2f} MB, "
+        f"needs {worst.peak_bytes / MB:.2f} MB{_pass_words(name, tokens)} (its weights "
+        f"{worst.weight_bytes / MB:.2f} MB, "
         f"activations {worst.activation_bytes / MB:.3f} MB, KV {worst.kv_bytes / MB:.3f} MB, "
         f"XLA temporaries {worst.scratch_bytes / MB:.3f} MB, "
         f"and {ctx.prefetch_depth} prefetch slab(s) of {atomic.slab_bytes / MB:.2f} MB for the "

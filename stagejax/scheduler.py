@@ -21,7 +21,7 @@ from typing import Sequence
 
 from stagejax import ops
 from stagejax.model_config import ModelConfig
-from stagejax.stages import Stage, kv_groups_of
+from stagejax.stages import ChunkLayout, Stage, kv_groups_of
 
 FIXED_POLICIES = ("atomic", "op", "layer", "model")
 
@@ -149,22 +149,47 @@ class GroupPlan:
                 + self.prefetch_bytes + self.dequant_bytes + self.scratch_bytes)
 
 
-def activation_bytes(group: Group, config: ModelConfig, tokens: int) -> int:
+def _entry_elements(config: ModelConfig, tokens: int) -> dict[str, int]:
+    """Float32 elements of each activation entry of a pass of `tokens` tokens (`stages.init_state`)."""
     t, d, n, k, h = tokens, config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
-    sizes = {"x": t * d, "h": t * d, "q": t * n * h, "k_new": t * k * h, "v_new": t * k * h,
-             "attn": t * n * h, "logits": config.vocab_size, "nll_m": t, "nll_s": t, "nll_target": t}
-    written, read_only = group.state_entries()
-    entries = set(written) | set(read_only)
-    # Attention's online-softmax carry: (m, l, acc) per token and head.
-    carry = sum(t * (2 + h) for s in group.stages if s.kind == "attn")
-    return 4 * (sum(sizes[e] for e in entries) + carry)
+    return {"x": t * d, "h": t * d, "q": t * n * h, "k_new": t * k * h, "v_new": t * k * h,
+            "attn": t * n * h, "logits": config.vocab_size, "nll_m": t, "nll_s": t, "nll_target": t}
+
+
+def pass_state_bytes(config: ModelConfig, tokens: int, scoring: bool = False) -> int:
+    """A pass's whole activation state (`stages.init_state`)."""
+    entries = ("x", "h", "q", "k_new", "v_new", "attn") + (SCORING_HEAD_STATE if scoring else ("logits",))
+    sizes = _entry_elements(config, tokens)
+    return 4 * sum(sizes[e] for e in entries)
+
+
+def resident_state_bytes(config: ModelConfig, tokens: int, scoring: bool = False) -> int:
+    """Activations in RAM: what stays resident through every group of a pass. The executor
+    keeps each pass kind's state between passes, so a prefill or scoring pass also holds the
+    one-token decode state (made by the dry run)."""
+    held = pass_state_bytes(config, tokens, scoring)
+    if (tokens, scoring) != (1, False):
+        held += pass_state_bytes(config, 1)
+    return held
+
+
+def activation_bytes(group: Group, config: ModelConfig, tokens: int, scoring: bool = False,
+                     resident_state: int = 0) -> int:
+    """A group's activations: the state entries it reads and writes (with activations in
+    external memory only those are loaded), or the pass's `resident_state` when larger (in
+    RAM, every entry stays), plus attention's online-softmax carry, (m, l, acc) per token and head."""
+    sizes = _entry_elements(config, tokens)
+    written, read_only = group.state_entries(scoring)
+    own = 4 * sum(sizes[e] for e in set(written) | set(read_only))
+    carry = sum(tokens * (2 + config.head_dim) for s in group.stages if s.kind == "attn")
+    return max(own, resident_state) + 4 * carry
 
 
 SCRATCH_FLOOR_BYTES = 4096
 
 
 def xla_scratch_bytes(group: Group, config: ModelConfig, tokens: int, kv_block: int,
-                      past_rows: int) -> int:
+                      past_rows: int, scoring: bool = False, layout: ChunkLayout | None = None) -> int:
     """Bytes of XLA temporaries (`compiled.memory_analysis().temp_size_in_bytes`) a group needs
     beyond its arguments and outputs: an upper bound of the compiled figure
     (tests/test_planner.py checks it against the executables).
@@ -181,13 +206,20 @@ def xla_scratch_bytes(group: Group, config: ModelConfig, tokens: int, kv_block: 
     a layer's attention holds ~1.2 MB, as much as a projection's weights.
     Other stages hold small vectors: each stage's output [T, D] before it is accumulated
     (XLA computes a group's independent chunk outputs first) and, with FFN chunks, their
-    inner activations, at most gate and up over the FFN's whole width. Plus XLA's own small
-    buffers (scalars, indices, alignment): `SCRATCH_FLOOR_BYTES`.
+    inner activations, at most gate and up over the FFN's whole width. A scoring pass's head
+    chunks materialise their logits [T, rows] to fold into the running log-sum-exp, every
+    chunk's at once at worst, and one more for the exponentials (rows from `layout`; the whole
+    vocabulary without it). Plus XLA's own small buffers (scalars, indices, alignment):
+    `SCRATCH_FLOOR_BYTES`.
     """
     t = tokens
     small = t * config.d_model * len(group.stages)
     if any(s.kind == "ffn" for s in group.stages):
         small += 2 * t * config.ffn_dim
+    if scoring:
+        rows = [(layout.vocab_bounds[s.index + 1] - layout.vocab_bounds[s.index]) if layout
+                else config.vocab_size for s in group.stages if s.kind == "head"]
+        small += t * (sum(rows) + max(rows, default=0))
     heads = [s for s in group.stages if s.kind == "attn"]
     if not heads:
         return SCRATCH_FLOOR_BYTES + 4 * small
@@ -221,7 +253,8 @@ def plan_groups(groups: Sequence[Group], config: ModelConfig, weight_bytes_of, t
                 prefetch_depth: int, kv_block_bytes, layer_past_bytes: int,
                 slab_bytes: int = 0, dequant_bytes_of=None,
                 kv_buffer_persists: bool = False, scratch_bytes_of=None,
-                resident_kv_bytes: int = 0) -> list[GroupPlan]:
+                resident_kv_bytes: int = 0, scoring: bool = False,
+                resident_state: int = 0) -> list[GroupPlan]:
     """Memory accounting of every group (design §5): `weight_bytes_of(keys)` gives stored
     bytes; the embed group holds only its tokens' rows. With `slab_bytes` (the prefetcher
     reads every unit into one of depth + 1 slabs of that size), a streamed group's weights
@@ -231,7 +264,9 @@ def plan_groups(groups: Sequence[Group], config: ModelConfig, weight_bytes_of, t
     between groups, as large as the plan's largest read, so every group is charged that.
     `scratch_bytes_of(group)`: XLA's temporaries inside its executable (`xla_scratch_bytes`).
     `resident_kv_bytes`: a cache in RAM, every layer's written rows, held through every group
-    (`kv_store.resident_cache_bytes`) on top of the group's own read."""
+    (`kv_store.resident_cache_bytes`) on top of the group's own read. `scoring`: a perplexity
+    pass (the head keeps NLL accumulators, not logits); `resident_state`: activations held in
+    RAM through every group (`resident_state_bytes`; 0 with activations in external memory)."""
     kv = [kv_read_bytes(g, config, kv_block_bytes, layer_past_bytes) for g in groups]
     if kv_buffer_persists and kv:
         kv = [max(kv)] * len(kv)
@@ -256,7 +291,8 @@ def plan_groups(groups: Sequence[Group], config: ModelConfig, weight_bytes_of, t
                 ahead = sum(streamed[units[(position + j) % len(units)]] for j in range(prefetch_depth))
         buffer = slab_bytes if streamed[i] else 0
         rows.append(GroupPlan(group.id, group.kind, len(group.stages), w,
-                              activation_bytes(group, config, tokens), kv[i], ahead,
+                              activation_bytes(group, config, tokens, scoring, resident_state),
+                              kv[i], ahead,
                               buffer, dequant_bytes_of(group.weight_keys) if dequant_bytes_of else 0,
                               scratch_bytes_of(group) if scratch_bytes_of else 0))
     return rows

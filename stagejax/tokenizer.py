@@ -8,9 +8,22 @@ way transformers renders it (sandboxed Jinja, `trim_blocks`/`lstrip_blocks`).
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Sequence
 
+import numpy as np
 import tokenizers
+from tokenizers import pre_tokenizers
+
+# A long text is encoded in pieces of about this many characters: `tokenizers` keeps per-token
+# strings and offsets for a whole call (~650 bytes a token: 200 MB for WikiText-2's test set),
+# a piece's only until its ids are copied out.
+ENCODE_PIECE_CHARS = 1 << 14
+# Where GPT-2's byte-level split regex cuts the same whether or not the text continues: at a line
+# break between two visible ASCII characters, or before one space and a visible character. (A
+# whitespace run before a visible character gives its last character to the next pre-token, so
+# "\n\nx" and "\r\nx" split inside the run; before " x" the run ends at the break either way.)
+_PIECE_BOUNDARY = re.compile(r"(?<=[!-~])\n(?=[!-~])|\n(?= [!-~])")
 
 
 @dataclasses.dataclass
@@ -20,6 +33,7 @@ class Tokenizer:
     eos_token_id: int | None = None
     add_bos: bool = False
     chat_template: str | None = None
+    merges_free: bool = False  # one token per byte: any cut of the text encodes the same
 
     @classmethod
     def from_checkpoint(cls, manifest) -> "Tokenizer":
@@ -39,6 +53,33 @@ class Tokenizer:
         if (self.add_bos if add_bos is None else add_bos) and self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids
         return ids
+
+    def encode_array(self, text: str, max_tokens: int | None = None) -> np.ndarray:
+        """`encode(text)[:max_tokens]` as an int32 array, in bounded memory: where the tokenizer
+        splits text the same way whether or not it is cut at a line start (byte-level
+        pre-tokenization, no normaliser), the text is encoded in pieces of
+        ~`ENCODE_PIECE_CHARS` characters cut there, and only until `max_tokens` are known;
+        otherwise in one call."""
+        if not self._cuts_at_line_starts():
+            return np.asarray(self.encode(text), np.int32)[:max_tokens]
+        parts, count = [], 0
+        if self.add_bos and self.bos_token_id is not None:
+            parts.append(np.asarray([self.bos_token_id], np.int32))
+            count = 1
+        start = 0
+        while start < len(text) and (max_tokens is None or count < max_tokens):
+            cut = _PIECE_BOUNDARY.search(text, start + ENCODE_PIECE_CHARS)
+            end = cut.end() if cut else len(text)
+            parts.append(np.asarray(self.encode(text[start:end], add_bos=False), np.int32))
+            count += len(parts[-1])
+            start = end
+        return (np.concatenate(parts) if parts else np.zeros(0, np.int32))[:max_tokens]
+
+    def _cuts_at_line_starts(self) -> bool:
+        pre = self.backend.pre_tokenizer
+        return (self.backend.normalizer is None and isinstance(pre, pre_tokenizers.ByteLevel)
+                and not pre.add_prefix_space
+                and (pre.use_regex or self.merges_free))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -81,7 +122,8 @@ def byte_tokenizer(vocab_size: int, eos_token_id: int | None = None) -> Tokenize
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
-    return Tokenizer(backend, bos_token_id=None, eos_token_id=eos_token_id, add_bos=False)
+    return Tokenizer(backend, bos_token_id=None, eos_token_id=eos_token_id, add_bos=False,
+                     merges_free=True)
 
 
 def _byte_level_chars() -> list[str]:

@@ -422,7 +422,7 @@ class MatrixModel:
                                    self.capacity(case.quant, case.kv_dtype),
                                    device_from_settings(settings.device))
             peaks.append(make_plan(build_stages(self.config, layout, m.arrays), policy, context,
-                                   None).peak_bytes)
+                                   None).every_pass_peak_bytes)
         return sum(peaks) / 2 / 2**20
 
     def capacity(self, quant: str, kv_dtype: str) -> int:

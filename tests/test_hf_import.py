@@ -9,9 +9,11 @@ transformers produces (float32, eager attention) for a random token sequence.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import shutil
+import types
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,7 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from stagejax.importers.hf import HFImportError, read_hf_dir  # noqa: E402
+from stagejax.loading import open_model  # noqa: E402
 from stagejax.model_config import PRESETS, ModelConfig  # noqa: E402
 from stagejax.models import Decoder, init_params  # noqa: E402
 
@@ -234,6 +237,42 @@ def test_llama_without_lm_head_is_tied(tmp_path):
     imported = read_hf_dir(directory)
     assert imported.config.tie_embeddings and "head" not in imported.params
     assert _max_logit_diff(model, directory, config) <= LOGITS_ATOL
+
+
+def _reachable_array_bytes(root) -> int:
+    """Bytes of the numpy arrays reachable from `root` through object references (a
+    function's through its closure and defaults, not through its module's globals)."""
+    seen, stack, total = set(), [root], 0
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, (type, type(os))):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, np.ndarray):
+            total += obj.nbytes
+        if isinstance(obj, types.FunctionType):
+            stack.extend([cell.cell_contents for cell in obj.__closure__ or ()])
+            stack.extend(obj.__defaults__ or ())
+        else:
+            stack.extend(gc.get_referents(obj))
+    return total
+
+
+def test_open_model_holds_no_weights_before_or_after_loading(llama):
+    """A run opens the model, measures its baseline, then loads the weights: the handle reads
+    only the description, and nothing it keeps holds the imported arrays afterwards."""
+    _, directory = llama
+    described = read_hf_dir(directory, with_params=False)
+    imported = read_hf_dir(directory)
+    assert described.params == {} and described.config == imported.config
+    handle = open_model("tiny", directory)
+    param_bytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(imported.params))
+    assert handle.source_format == "hf" and handle.config == imported.config
+    assert _reachable_array_bytes(handle) < param_bytes / 10
+    loaded = handle.load_params()
+    for ours, theirs in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(imported.params)):
+        np.testing.assert_array_equal(np.asarray(ours), theirs)
+    assert _reachable_array_bytes(handle) < param_bytes / 10
 
 
 def test_llama_bfloat16_weights(tmp_path):

@@ -153,11 +153,11 @@ def test_a_flipped_nibble_in_a_quantized_block_is_caught(matrix_models, quant, k
 MEMORY_ALLOWANCE_BYTES = 8 * 2**20
 
 
-def decode_memory(tmp_path, *overrides, schedule="atomic") -> dict:
+def decode_memory(tmp_path, *overrides, schedule="atomic", ppl_chunks=0, run_name="run") -> dict:
     """A run of the main job in a fresh process; its metrics."""
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / run_name
     completed = subprocess.run(
-        [sys.executable, "-m", "stagejax.run", f"schedule={schedule}", "cache=ram", "eval.ppl_chunks=0",
+        [sys.executable, "-m", "stagejax.run", f"schedule={schedule}", "cache=ram", f"eval.ppl_chunks={ppl_chunks}",
          "decode.max_new_tokens=8", "tracking.mode=disabled", f"hydra.run.dir={run_dir}", *overrides],
         cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -194,6 +194,29 @@ def test_a_long_context_in_ram_stays_within_its_plan(tmp_path):
     planned, measured = metrics["planned_peak_bytes"], metrics["decode_working_set_bytes"]
     assert planned >= resident_kv > 2 * MEMORY_ALLOWANCE_BYTES, (planned, resident_kv)
     assert measured <= planned + MEMORY_ALLOWANCE_BYTES, (measured / 2**20, planned / 2**20)
+
+
+@pytest.fixture(scope="module")
+def scored_runs(tmp_path_factory):
+    """Two identical runs of the main job, perplexity included, sharing a compile cache."""
+    tmp_path = tmp_path_factory.mktemp("scored")
+    source = km.write_gguf(tmp_path / "tiny.gguf", km.FAMILY_CONFIGS["llama"],
+                           km.scaled_params(km.FAMILY_CONFIGS["llama"]))
+    overrides = ("model=tiny", f"model.path={source}", "quant=none", "schedule.ffn_chunks=3",
+                 "eval.n_ctx=64", "decode.max_new_tokens=2", f"paths.cache={tmp_path / 'cache'}")
+    return [decode_memory(tmp_path, *overrides, ppl_chunks=1, run_name=name)
+            for name in ("first", "second")]
+
+
+def test_a_second_identical_run_compiles_from_the_persistent_cache(scored_runs):
+    first, second = scored_runs
+    assert first["compile_cache_misses"] > 0
+    assert second["compile_cache_hits"] > 0 and second["compile_cache_misses"] == 0
+    assert second["n_executables"] == first["n_executables"]
+    assert second["ppl"] == first["ppl"]
+    for metrics in scored_runs:  # the 64-token passes are planned beside the decode steps
+        decode = metrics["planned_peak_bytes"]
+        assert min(metrics["planned_scoring_peak_bytes"], metrics["planned_prefill_peak_bytes"]) > decode
 
 
 @pytest.mark.slow

@@ -116,7 +116,7 @@ def test_optimal_plan_is_optimal_on_a_small_model_by_brute_force():
             assert sum(ctx.time(g)[0] for g in groups) >= chosen_time - 1e-12
 
 
-@pytest.mark.parametrize("budget_kb", [48, 64, 96, 160, 512, 2048])
+@pytest.mark.parametrize("budget_kb", [52, 64, 96, 160, 512, 2048])
 def test_optimal_never_predicted_slower_and_budgets_hold(budget_kb):
     layout = ChunkLayout.create(SMALL, ffn_chunks=4, vocab_chunk=20)
     ctx = context(SMALL, layout)
@@ -198,6 +198,34 @@ def test_infeasible_budget_names_the_stage_and_the_budget_that_works():
         make_plan(stages, "layer", ctx, 200 * KB)
 
 
+def test_a_budget_is_checked_against_prefill_and_scoring_passes():
+    """A budget that holds decode steps but not the run's longer passes is refused before
+    anything runs, naming the pass and a prefill_block with which the same plan fits; the
+    budget policies pack groups so that every pass fits."""
+    layout = ChunkLayout.create(SMALL, ffn_chunks=4, vocab_chunk=20)
+    stages = build_stages(SMALL, layout)
+    decode_only = context(SMALL, layout)
+    passes_of = lambda tokens: dataclasses.replace(  # noqa: E731
+        decode_only, other_passes=((tokens, False), (tokens, True)))
+    with_passes = passes_of(64)
+    decode_peak = make_plan(stages, "layer", decode_only).peak_bytes
+    plan = make_plan(stages, "layer", with_passes)
+    assert set(plan.passes) == {"prefill", "scoring"}
+    assert plan.every_pass_peak_bytes > decode_peak  # 64 tokens' activations and temporaries
+    fits_16 = make_plan(stages, "layer", passes_of(16)).every_pass_peak_bytes
+    assert fits_16 < plan.every_pass_peak_bytes
+    with pytest.raises(InfeasibleBudget, match=r"in its (prefill|scoring) passes of 64 tokens"
+                       r".*schedule.prefill_block=\d+") as error:
+        make_plan(stages, "layer", with_passes, fits_16)
+    hinted = int(str(error.value).split("schedule.prefill_block=")[1].split(" ")[0])
+    assert 16 <= hinted < 64
+    make_plan(stages, "layer", passes_of(hinted), fits_16)  # the hint works
+    budget = (decode_peak + plan.every_pass_peak_bytes) // 2
+    for policy in BUDGET_POLICIES:
+        packed = make_plan(stages, policy, with_passes, budget)
+        assert packed.every_pass_peak_bytes <= budget
+
+
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory):
     handle = open_model("tiny")
@@ -214,7 +242,7 @@ def tiny_store(tmp_path_factory):
 
 
 @pytest.mark.parametrize("policy", BUDGET_POLICIES)
-@pytest.mark.parametrize("budget_kb", [40, 400])
+@pytest.mark.parametrize("budget_kb", [64, 400])
 def test_budget_policies_equal_monolithic(tiny_store, policy, budget_kb):
     config, store, layout, params = tiny_store
     kv = KVLayout("disk", "head_major", 8)
@@ -224,14 +252,19 @@ def test_budget_policies_equal_monolithic(tiny_store, policy, budget_kb):
                       kv_block_bytes=lambda n: read_bytes(config, kv, n, 8),
                       kv_layer_bytes=48 * stored_row_bytes(config, kv, config.n_kv_heads),
                       prefetch_depth=2, device=DEVICE, kv_len=40, kv_block=8,
-                      past_rows=48)
+                      past_rows=48, other_passes=((16, False), (16, True)))
     plan = make_plan(build_stages(config, layout), policy, ctx, budget_kb * KB)
+    assert set(plan.passes) == {"prefill", "scoring"}
+    assert plan.every_pass_peak_bytes <= budget_kb * KB
     tokens = [int(t) for t in np.random.default_rng(1).integers(0, config.vocab_size, 30)]
     full = np.asarray(jax.jit(forward_logits, static_argnums=0)(config, params, jnp.asarray([tokens])))[0]
     decoder = StagedDecoder(config, store, layout, policy, kv, capacity=48, prefill_block=16,
                             prefetch_depth=2, groups=plan.groups, kv_block=8)
     try:
         assert [r.peak_bytes for r in plan.rows] == [r.peak_bytes for r in decoder.plan()]
+        for name, tokens_, scoring in (("prefill", 16, False), ("scoring", 16, True)):
+            assert ([r.peak_bytes for r in plan.passes[name].rows]
+                    == [r.peak_bytes for r in decoder.plan(tokens_, scoring)])
         np.testing.assert_allclose(decoder.prefill(tokens[:20]), full[19], atol=1e-5, rtol=0)
         for position in range(20, 30):
             np.testing.assert_allclose(decoder.step(tokens[position], position), full[position],
@@ -268,8 +301,9 @@ def test_activations_on_disk_equal_monolithic_and_are_counted(tiny_store):
 def test_scratch_bound_covers_compiled_temporaries(tiny_store, order, dtype):
     """The plan charges each group XLA's temporaries (`xla_scratch_bytes`); the compiled
     executables' own figure (`memory_analysis`) must never exceed it, for decode steps and
-    prefill blocks, blocked and fused attention (whole layers and single heads), every KV
-    layout; and the bound must not be loose where it matters (attention over the past)."""
+    prefill and scoring blocks, blocked and fused attention (whole layers and single heads), every KV
+    layout, generation and scoring passes; and the bound must not be loose where it matters
+    (attention over the past)."""
     config, store, layout, params = tiny_store
     kv = KVLayout("disk", order, 8, dtype)
     stages = build_stages(config, layout)
@@ -285,11 +319,11 @@ def test_scratch_bound_covers_compiled_temporaries(tiny_store, order, dtype):
         decoder = StagedDecoder(config, store, layout, "atomic", kv, capacity=48, prefill_block=16,
                                 prefetch_depth=1, groups=groups, kv_block=8)
         try:
-            for tokens in (1, 16):
-                planned = [r.scratch_bytes for r in decoder.plan(tokens)]
-                compiled = decoder.temp_bytes(tokens)
+            for tokens, scoring in decoder.pass_kinds():
+                planned = [r.scratch_bytes for r in decoder.plan(tokens, scoring)]
+                compiled = decoder.temp_bytes(tokens, scoring)
                 for group, bound, temp in zip(decoder.groups, planned, compiled):
-                    assert temp <= bound, (name, tokens, group.id, temp, bound)
+                    assert temp <= bound, (name, tokens, scoring, group.id, temp, bound)
                     if tokens == 1 and any(s.kind == "attn" for s in group.stages):
                         assert bound <= 3 * temp + 4096, (name, group.id, temp, bound)
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stagejax.importers import gguf as gguf_import
@@ -68,6 +69,38 @@ def test_wikitext_ids_equal_transformers(tok, hf_tok, wikitext):
     assert len(ids) > 250_000
     assert ids == hf_tok(wikitext)["input_ids"]
     assert tok.decode(ids) == wikitext
+
+
+
+@pytest.mark.parametrize("source", ["wikitext-2/wiki.test.raw", "pydocs/test.txt"])
+@pytest.mark.parametrize("text_mode", ["bytes", "text"])
+def test_a_long_text_encoded_in_pieces_equals_one_call(tok, source, text_mode):
+    """`encode_array` cuts the text at line starts to bound memory: the same ids as one call,
+    on both evaluation texts as runs read them (CRLF kept or folded)."""
+    from stagejax import data
+
+    text = data.read_text(source, data_dir(), text_mode)
+    pieced = tok.encode_array(text)
+    whole = tok.encode(text)
+    assert len(pieced) > 100_000  # many pieces
+    assert pieced.dtype == np.int32 and pieced.tolist() == whole
+    # A prefix (what perplexity scores) stops encoding early and is the whole call's prefix.
+    for count in (1, 5000, 40_000):
+        assert tok.encode_array(text, max_tokens=count).tolist() == whole[:count]
+
+
+def test_pieces_cut_only_where_the_split_regex_cannot_join(tok, monkeypatch):
+    """Lines starting with spaces, tabs, digits, blank lines, special tokens, at every offset
+    from the cut point: pieces of a few characters give the same ids as one call."""
+    from stagejax import tokenizer as tokenizer_module
+
+    monkeypatch.setattr(tokenizer_module, "ENCODE_PIECE_CHARS", 7)
+    lines = SPECIAL_AND_DIGIT_TEXTS + ["  two spaces", "\tTab", " 12", "", " ", "x\r", " = Title =",
+                                       "it's", "\u00a0nbsp"]
+    text = "\n".join(lines[i % len(lines)] for i in range(3 * len(lines)))
+    for shift in range(4):
+        shifted = "ab"[:shift % 3] + text
+        assert tok.encode_array(shifted).tolist() == tok.encode(shifted)
 
 
 SPECIAL_AND_DIGIT_TEXTS = [

@@ -49,15 +49,18 @@ class HFImportError(ValueError):
     """A Hugging Face directory this importer cannot (or must not) turn into a model."""
 
 
-def read_hf_dir(path: str | os.PathLike) -> ImportedModel:
+def read_hf_dir(path: str | os.PathLike, with_params: bool = True) -> ImportedModel:
     """Import a Hugging Face Llama or GPT-2 directory.
 
     Args:
       path: a directory holding `config.json` and `model.safetensors` (or a sharded save with
         `model.safetensors.index.json`), optionally `tokenizer.json` and `tokenizer_config.json`.
+      with_params: False reads only the description (config, tokenizer, the safetensors
+        headers): what a run needs before its weights, without holding them.
     Returns:
-      An `ImportedModel` with float32 numpy params in the `Decoder` layout, and a `Tokenizer`
-      if the directory has a `tokenizer.json` (else None).
+      An `ImportedModel` with float32 numpy params in the `Decoder` layout (an empty dict
+      without `with_params`), and a `Tokenizer` if the directory has a `tokenizer.json`
+      (else None).
     Raises:
       HFImportError: missing or malformed files, an unsupported `model_type` or feature, a
         missing tensor, or a tensor whose shape contradicts config.json.
@@ -82,11 +85,11 @@ def read_hf_dir(path: str | os.PathLike) -> ImportedModel:
             # A save without lm_head (e.g. written with tied weights) has the embedding as its
             # head, whatever tie_word_embeddings says.
             config = dataclasses.replace(config, tie_embeddings=True)
-        if model_type == "llama":
-            params = _llama_params(tensors, config)
+        if not with_params:
+            params = {}
         else:
-            params = _gpt2_params(tensors, config)
-        tensors.check_all_used()
+            params = (_llama_params if model_type == "llama" else _gpt2_params)(tensors, config)
+            tensors.check_all_used()
         weight_files = [os.path.basename(file) for file in tensors.files]
 
     eos = hf_config.get("eos_token_id")
