@@ -63,17 +63,23 @@ def main():
              f"calibrated roofline (conf/device/this_machine); {args.rounds} interleaved rounds, "
              f"each run a fresh process: medians over rounds, measured ms/step of every round "
              f"in brackets", "",
-             "| budget MB | policy | groups | planned peak MB | decode peak MB (max) | tokens/s | "
+             "Whole process: the run's peak RSS; working set: the decode's peak above the runtime "
+             "baseline (RSS after warm-up, before weights), beside the plan; the plan also holds "
+             "the prefill passes (`planned_prefill_peak_bytes`). MB = 2^20 bytes.", "",
+             "| budget MB | policy | groups | whole-process peak MB | runtime baseline MB | "
+             "planned peak MB (decode / prefill) | working set MB (max) | tokens/s | "
              "predicted ms/step (sum) | predicted ms/step (pipeline) | measured ms/step | "
              "sum/measured | pipeline/measured |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['budget_mb']:g} | {r['policy']} | infeasible: {r['error'][:160]} | | | | | | | | |")
+            lines.append(f"| {r['budget_mb']:g} | {r['policy']} | infeasible: {r['error'][:160]} | | | | | | | | | | |")
             continue
         lines.append(
-            f"| {r['budget_mb']:g} | {r['policy']} | {r['n_groups']} | {r['planned_peak_bytes'] / mb:.2f} | "
-            f"{r['peak_rss_decode_bytes'] / mb:.2f} ({max(r['peak_rss_decode_bytes_rounds']) / mb:.2f}) | "
+            f"| {r['budget_mb']:g} | {r['policy']} | {r['n_groups']} | {r['peak_rss_bytes'] / mb:.1f} | "
+            f"{r['baseline_rss_bytes'] / mb:.1f} | {r['planned_peak_bytes'] / mb:.2f} / "
+            f"{r.get('planned_prefill_peak_bytes', float('nan')) / mb:.2f} | "
+            f"{r['decode_working_set_bytes'] / mb:.2f} ({max(r['decode_working_set_bytes_rounds']) / mb:.2f}) | "
             f"{r['decode_tokens_per_s']:.2f} | "
             f"{r['predicted_step_s'] * 1e3:.1f} | {r['predicted_pipeline_step_s'] * 1e3:.1f} | "
             f"{r['measured_step_s'] * 1e3:.1f} ({' / '.join(f'{m * 1e3:.1f}' for m in r['measured_step_s_rounds'])}) | "
@@ -105,7 +111,8 @@ def _combined(budget: float, policy: str, runs: list[dict]) -> dict:
     row = {"policy": policy, "budget_mb": budget, **runs[0]}
     if "error" in row:
         return row
-    for key in ("peak_rss_decode_bytes", "decode_tokens_per_s", "measured_step_s",
+    for key in ("decode_working_set_bytes", "peak_rss_bytes", "baseline_rss_bytes",
+                "decode_tokens_per_s", "measured_step_s",
                 "predicted_step_s", "predicted_pipeline_step_s"):
         row[key] = statistics.median(r[key] for r in runs)
         row[f"{key}_rounds"] = [r[key] for r in runs]

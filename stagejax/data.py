@@ -6,6 +6,7 @@ reported number, so a mismatch is an error.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 from pathlib import Path
@@ -44,6 +45,18 @@ def read_text(relative: str, data_dir: str | os.PathLike | None = None,
     `perplexity -f` reads them so; wiki.test.raw has CRLF line ends). "text": as Python's text
     mode reads it (universal newlines: CRLF and CR become LF), as most Python tools see it.
     """
+    return "".join(iter_text(relative, data_dir, text_mode, verify))
+
+
+READ_CHUNK_BYTES = 1 << 16
+
+
+def iter_text(relative: str, data_dir: str | os.PathLike | None = None,
+              text_mode: str = "bytes", verify: bool = True,
+              chunk_bytes: int = READ_CHUNK_BYTES):
+    """`read_text`'s text in consecutive pieces of about `chunk_bytes` bytes (joined, exactly
+    the same text), so a reader that needs only the beginning never holds the whole file.
+    The checksum is verified over the whole file first, in chunks too."""
     if text_mode not in TEXT_MODES:
         raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}")
     path = resolve_data_dir(data_dir) / relative
@@ -51,13 +64,30 @@ def read_text(relative: str, data_dir: str | os.PathLike | None = None,
         raise FileNotFoundError(
             f"data file {path} not found; set paths.data (or $STAGEJAX_DATA) to the directory "
             f"holding {relative}")
-    raw = path.read_bytes()
     if verify and relative in SHA256:
-        digest = hashlib.sha256(raw).hexdigest()
-        if digest != SHA256[relative]:
-            raise ValueError(f"{path} has sha256 {digest}, expected {SHA256[relative]}: the file "
-                             "changed, so its numbers would not be comparable; restore it")
-    text = raw.decode("utf-8")
-    if text_mode == "text":
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return text
+        digest = hashlib.sha256()
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(chunk_bytes), b""):
+                digest.update(block)
+        if digest.hexdigest() != SHA256[relative]:
+            raise ValueError(f"{path} has sha256 {digest.hexdigest()}, expected {SHA256[relative]}: "
+                             "the file changed, so its numbers would not be comparable; restore it")
+    return _decoded_chunks(path, text_mode, chunk_bytes)
+
+
+def _decoded_chunks(path: Path, text_mode: str, chunk_bytes: int):
+    decoder = codecs.getincrementaldecoder("utf-8")()  # a character split across chunks waits
+    held = ""  # text mode: a CR at a chunk's end may be the first half of a CRLF
+    with open(path, "rb") as file:
+        while True:
+            raw = file.read(chunk_bytes)
+            text = held + decoder.decode(raw, final=not raw)
+            held = ""
+            if text_mode == "text":
+                if raw and text.endswith("\r"):
+                    text, held = text[:-1], "\r"
+                text = text.replace("\r\n", "\n").replace("\r", "\n")
+            if text:
+                yield text
+            if not raw:
+                return

@@ -379,20 +379,27 @@ class StagedDecoder:
             donate = (0, 1) if finish else (1,)
         return self._keep(signature, run, specs, donate, ATTENTION_COMPILER_OPTIONS)
 
-    def dry_run(self) -> None:
-        """One prefill pass and one decode step on zero weights, through the real code path.
+    def dry_run(self, score: bool = False) -> None:
+        """One prefill pass (and one scoring pass if the run will `score` text) and one decode
+        step on zero weights, through the real code path.
 
         Compiling (even with a warm-up call) leaves first-use costs behind: the dispatch
-        path's caches, host-buffer adoption, KV reads and writes (~4 MB on the tiny model).
-        They are the runtime's, not the working set's, so runs do them before measuring the
-        baseline. The cache rows written here are later overwritten or masked.
+        path's caches, host-buffer adoption, KV reads and writes (~4 MB on the tiny model), a
+        scoring pass's small helper programs. They are the runtime's, not the working set's,
+        so runs do them before measuring the baseline. The passes' activation states are
+        dropped afterwards (they are the passes' working set, rebuilt on use); the cache rows
+        written here are later overwritten or masked.
         """
         zeros = ZeroWeights(self.store.manifest, self._units)
         store, prefetcher = self.store, self.prefetcher
         self.store, self.prefetcher = zeros, zeros
+        block = [0] * self.prefill_block
         try:
-            self.run_pass([0] * self.prefill_block, 0, 1)
+            self.run_pass(block, 0, 1)
+            if score:
+                np.asarray(scored_nll(self.run_pass(block, 0, 1, block)))
             self.step(0, 1)
+            self.release_pass_buffers(keep_tokens=1)
         finally:
             self.store, self.prefetcher = store, prefetcher
             self.cache.bytes_read = self.cache.bytes_written = 0

@@ -187,7 +187,7 @@ class ScheduleRun:
             self.n_executables = self.staged.n_executables
             if progress:
                 print(self.planned.table(), flush=True)
-            self.staged.dry_run()
+            self.staged.dry_run(score=bool(settings.eval.ppl_chunks))
         self.compile_s = time.perf_counter() - start
         self.params = None
         self._session = None
@@ -431,12 +431,13 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
         phases.enter("perplexity")
         release_freed_memory()
         peak.start_phase()  # the text, its tokens and the scoring passes: the phase's working set
-        text = data.read_text(settings.eval.dataset, settings.paths.data, settings.eval.text_mode)
-        # In pieces, and only the tokens scored: the text's full encoding is never held.
+        # Read and encoded in pieces, only as far as the tokens scored: neither the whole text
+        # nor its whole encoding is ever held.
+        text = data.iter_text(settings.eval.dataset, settings.paths.data, settings.eval.text_mode)
         tokens = handle.tokenizer.encode_array(text, tokens_scored(
             settings.eval.procedure, n_ctx, settings.eval.ppl_chunks, settings.eval.stride))
-        del text
-        release_freed_memory()  # the text's buffers, before the passes that the plan bounds
+        text.close()
+        release_freed_memory()  # the reading's buffers, before the passes that the plan bounds
         nll_fn = run.nll_fn()
         if settings.eval.procedure == "llama_cpp":
             result = perplexity_llama_cpp(nll_fn, tokens, n_ctx, settings.eval.ppl_chunks, progress)

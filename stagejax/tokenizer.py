@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import tokenizers
@@ -54,25 +54,36 @@ class Tokenizer:
             ids = [self.bos_token_id] + ids
         return ids
 
-    def encode_array(self, text: str, max_tokens: int | None = None) -> np.ndarray:
-        """`encode(text)[:max_tokens]` as an int32 array, in bounded memory: where the tokenizer
-        splits text the same way whether or not it is cut at a line start (byte-level
-        pre-tokenization, no normaliser), the text is encoded in pieces of
-        ~`ENCODE_PIECE_CHARS` characters cut there, and only until `max_tokens` are known;
-        otherwise in one call."""
+    def encode_array(self, text: str | Iterable[str], max_tokens: int | None = None) -> np.ndarray:
+        """`encode(text)[:max_tokens]` as an int32 array, in bounded memory. `text` may come
+        as consecutive pieces (`data.iter_text`): what is joined is what is encoded.
+
+        Where the tokenizer splits text the same way whether or not it is cut at a line start
+        (byte-level pre-tokenization, no normaliser), the text is encoded in pieces of
+        ~`ENCODE_PIECE_CHARS` characters cut there, and read only until `max_tokens` are
+        known; otherwise joined and encoded in one call."""
+        chunks = [text] if isinstance(text, str) else text
         if not self._cuts_at_line_starts():
-            return np.asarray(self.encode(text), np.int32)[:max_tokens]
-        parts, count = [], 0
+            return np.asarray(self.encode("".join(chunks)), np.int32)[:max_tokens]
+        parts: list[np.ndarray] = []
         if self.add_bos and self.bos_token_id is not None:
             parts.append(np.asarray([self.bos_token_id], np.int32))
-            count = 1
-        start = 0
-        while start < len(text) and (max_tokens is None or count < max_tokens):
-            cut = _PIECE_BOUNDARY.search(text, start + ENCODE_PIECE_CHARS)
-            end = cut.end() if cut else len(text)
-            parts.append(np.asarray(self.encode(text[start:end], add_bos=False), np.int32))
-            count += len(parts[-1])
-            start = end
+
+        def enough() -> bool:
+            return max_tokens is not None and sum(len(p) for p in parts) >= max_tokens
+
+        pending = ""
+        for chunk in chunks:
+            pending += chunk
+            # Cut only where the boundary's context (a character before, two after) is read.
+            while not enough() and (cut := _PIECE_BOUNDARY.search(pending, ENCODE_PIECE_CHARS)):
+                parts.append(np.asarray(self.encode(pending[:cut.end()], add_bos=False), np.int32))
+                pending = pending[cut.end():]
+            if enough():
+                break
+        else:
+            if pending:
+                parts.append(np.asarray(self.encode(pending, add_bos=False), np.int32))
         return (np.concatenate(parts) if parts else np.zeros(0, np.int32))[:max_tokens]
 
     def _cuts_at_line_starts(self) -> bool:

@@ -198,13 +198,15 @@ def test_a_long_context_in_ram_stays_within_its_plan(tmp_path):
 
 @pytest.fixture(scope="module")
 def scored_runs(tmp_path_factory):
-    """Two identical runs of the main job, perplexity included, sharing a compile cache."""
+    """Two identical runs of the main job (sharing a compile cache) that score a 2,048-token
+    window in the default 64-token passes."""
     tmp_path = tmp_path_factory.mktemp("scored")
-    source = km.write_gguf(tmp_path / "tiny.gguf", km.FAMILY_CONFIGS["llama"],
-                           km.scaled_params(km.FAMILY_CONFIGS["llama"]))
+    config = dataclasses.replace(km.FAMILY_CONFIGS["llama"], n_layers=4, n_kv_heads=4,
+                                 head_dim=64, max_seq_len=2100)
+    source = km.write_gguf(tmp_path / "long.gguf", config, km.scaled_params(config))
     overrides = ("model=tiny", f"model.path={source}", "quant=none", "schedule.ffn_chunks=3",
-                 "eval.n_ctx=64", "decode.max_new_tokens=2", f"paths.cache={tmp_path / 'cache'}")
-    return [decode_memory(tmp_path, *overrides, ppl_chunks=1, run_name=name)
+                 "eval.n_ctx=2048", "decode.max_new_tokens=2", f"paths.cache={tmp_path / 'cache'}")
+    return [decode_memory(tmp_path, *overrides, schedule="layer", ppl_chunks=1, run_name=name)
             for name in ("first", "second")]
 
 

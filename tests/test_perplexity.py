@@ -55,3 +55,21 @@ def test_text_mode_says_whether_line_ends_are_kept(tmp_path):
     assert as_text == open(tmp_path / "corpus" / "lines.txt").read()
     with pytest.raises(ValueError, match="text_mode must be one of"):
         data.read_text("corpus/lines.txt", tmp_path, text_mode="lines")
+
+
+def test_text_read_in_chunks_is_the_same_text(tmp_path):
+    """`iter_text` at every chunk size: CRLF and lone CR split between chunks, a multi-byte
+    character split between chunks, both text modes; a changed evaluation file is refused
+    before any text is read."""
+    (tmp_path / "corpus").mkdir()
+    raw = "a\r\nb\r\rc\u00e9\u2014d\r\n\U0001F600e\r".encode()
+    (tmp_path / "corpus" / "mixed.txt").write_bytes(raw)
+    for mode in data.TEXT_MODES:
+        whole = data.read_text("corpus/mixed.txt", tmp_path, mode)
+        assert whole == (raw.decode() if mode == "bytes" else open(tmp_path / "corpus" / "mixed.txt", encoding="utf-8").read())
+        for size in range(1, len(raw) + 1):
+            assert "".join(data.iter_text("corpus/mixed.txt", tmp_path, mode, chunk_bytes=size)) == whole
+    (tmp_path / "wikitext-2").mkdir()
+    (tmp_path / "wikitext-2" / "wiki.test.raw").write_bytes(b" = Changed = \r\n")
+    with pytest.raises(ValueError, match="sha256.*restore it"):
+        data.iter_text("wikitext-2/wiki.test.raw", tmp_path)

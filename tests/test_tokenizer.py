@@ -87,6 +87,12 @@ def test_a_long_text_encoded_in_pieces_equals_one_call(tok, source, text_mode):
     # A prefix (what perplexity scores) stops encoding early and is the whole call's prefix.
     for count in (1, 5000, 40_000):
         assert tok.encode_array(text, max_tokens=count).tolist() == whole[:count]
+    # Read in chunks (an odd size: CRLFs and multi-byte characters split across chunks), the
+    # text joins to the same string and encodes to the same ids, whole or as a prefix.
+    chunks = list(data.iter_text(source, data_dir(), text_mode, chunk_bytes=4099))
+    assert len(chunks) > 100 and "".join(chunks) == text
+    assert tok.encode_array(iter(chunks)).tolist() == whole
+    assert tok.encode_array(iter(chunks), max_tokens=5000).tolist() == whole[:5000]
 
 
 def test_pieces_cut_only_where_the_split_regex_cannot_join(tok, monkeypatch):
