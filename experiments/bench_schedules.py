@@ -99,9 +99,23 @@ def main():
     parser.add_argument("--ppl-chunks", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "schedules_smollm2"))
+    parser.add_argument("--resummarize", action="store_true",
+                        help="rewrite summary.md from the out directory's summary.json, running nothing")
     args = parser.parse_args()
     out = Path(args.out)
     policies = args.policies.split(",")
+    if args.resummarize:
+        import json
+
+        saved = json.loads((out / "summary.json").read_text())
+        by_policy = {row["schedule"]: row["runs"] for row in saved["schedules"]}
+        policies = list(by_policy)
+        rounds = [{p: by_policy[p][r] for p in policies} for r in range(saved["rounds"])]
+        args.rounds = saved["rounds"]
+        write_summary(args, out, policies, rounds, saved["memory_read_one_thread_probes_gbps"],
+                      saved["memory_read_probes_gbps"], saved["matvec_chain_s"],
+                      saved["matvec_chain_bytes"], scale=1e9)
+        return
     rounds: list[dict] = []
     bandwidths = []
     for r in range(args.rounds):
@@ -120,8 +134,16 @@ def main():
         rounds.append(runs)
     bandwidths.append(memory_read_bandwidth())
     chain_s, chain_bytes = matvec_chain_seconds()
-    one_thread = [b[0] for b in bandwidths]
-    all_cores = [b[1] for b in bandwidths]
+    write_summary(args, out, policies, rounds, [b[0] for b in bandwidths],
+                  [b[1] for b in bandwidths], chain_s, chain_bytes)
+
+
+def write_summary(args, out: Path, policies: list[str], rounds: list[dict], one_thread: list[float],
+                  all_cores: list[float], chain_s: float, chain_bytes: int, scale: float = 1.0) -> None:
+    """summary.md and summary.json from the rounds' metrics and the probes (bytes/s; `scale`
+    converts probes saved in GB/s)."""
+    one_thread = [b * scale for b in one_thread]
+    all_cores = [b * scale for b in all_cores]
     median = lambda values: float(np.median(values))
     bandwidth_1t, bandwidth = median(one_thread) / 1e9, median(all_cores) / 1e9
 
@@ -138,10 +160,13 @@ def main():
         f"interleaved with the runs: {', '.join(f'{b / 1e9:.1f}' for b in all_cores)}), "
         f"{bandwidth_1t:.1f} GB/s on one thread ({', '.join(f'{b / 1e9:.1f}' for b in one_thread)})",
         "",
-        "Whole process: the run's peak RSS (perplexity phase included) and the runtime baseline "
-        "(RSS after the schedule's warm-up, before its weights); working set: the decode's peak "
-        "above that baseline, beside the plan's prediction. MB = 2^20 bytes.", "",
-        "| schedule | stages | groups | whole-process peak MB | runtime baseline MB | planned peak MB | "
+        "Whole process: the peak RSS while decoding, and the runtime baseline (RSS after the "
+        "schedule's warm-up, before its weights); working set: the decode's peak above that "
+        "baseline, beside the plan's prediction. MB = 2^20 bytes. The first round also scores "
+        "perplexity; each run's whole-run peak (`peak_rss_bytes`, that phase included) is in "
+        "summary.json" + (f" (`model`'s first round: {rounds[0]['model']['peak_rss_bytes'] / 2**20:.1f} MB)"
+                          if "model" in rounds[0] else "") + ".", "",
+        "| schedule | stages | groups | whole process while decoding MB | runtime baseline MB | planned peak MB | "
         "working set MB (above the baseline) | tokens/s | io_wait | "
         "MB streamed/token | PPL (2 chunks) | predicted ms/step | measured ms/step |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -151,7 +176,7 @@ def main():
         first = runs[0]
         tps = [r["decode_tokens_per_s"] for r in runs]
         peaks = [r["decode_working_set_bytes"] / 2**20 for r in runs]
-        whole = [r["peak_rss_bytes"] / 2**20 for r in runs]
+        whole = [r["decode_peak_rss_bytes"] / 2**20 for r in runs]
         baselines = [r["baseline_rss_bytes"] / 2**20 for r in runs]
         lines.append(
             f"| {policy} | {first['n_stages']} | {first['n_groups']} | "
@@ -189,7 +214,8 @@ def main():
                 speed = [rnd[policy]["decode_tokens_per_s"] / rnd["model"]["decode_tokens_per_s"] for rnd in rounds]
                 memory = [rnd["model"]["decode_working_set_bytes"] / max(rnd[policy]["decode_working_set_bytes"], 1)
                           for rnd in rounds]
-                whole = [rnd["model"]["peak_rss_bytes"] / rnd[policy]["peak_rss_bytes"] for rnd in rounds]
+                whole = [rnd["model"]["decode_peak_rss_bytes"] / rnd[policy]["decode_peak_rss_bytes"]
+                         for rnd in rounds]
                 summary[f"{policy}_whole_process_below_model"] = whole
                 summary[f"{policy}_speed_vs_model"] = speed
                 summary[f"{policy}_peak_below_model"] = memory
