@@ -192,12 +192,13 @@ def summarize(rows: dict, args, matvec: list[dict] | None) -> tuple[str, dict]:
         f"{args.ffn_chunks}, vocab_chunk {args.vocab_chunk}, prefetch depth {args.prefetch_depth}; "
         f"perplexity: first {args.ppl_chunks} chunks of wiki.test.raw through `model` with the "
         f"stored weights. Each run in a fresh process, {args.rounds} interleaved round(s); cells "
-        "are medians over rounds (MB = 2^20 bytes). Whole process: the run's peak RSS (for "
-        "`model` it includes the perplexity phase). Working set: the decode's peak above the "
+        "are medians over rounds (MB = 2^20 bytes). Whole process: the peak RSS while decoding "
+        "(`model`'s whole-run peak, its perplexity phase included, is in summary.json). "
+        "Working set: the decode's peak above the "
         "runtime baseline (`decode_working_set_bytes`), beside the plan's prediction for atomic "
         "(dequantized temporaries and XLA's temporaries charged).", "",
         "| quant | stored MB | MB streamed/token (atomic) | tokens/s atomic | tokens/s model | "
-        "whole process MB atomic | whole process MB model | working set MB atomic (planned) | "
+        "whole process while decoding MB atomic | … model | working set MB atomic (planned) | "
         "working set MB model | PPL | ± |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     summary = {"settings": vars(args), "runs": rows}
@@ -208,8 +209,8 @@ def summarize(rows: dict, args, matvec: list[dict] | None) -> tuple[str, dict]:
         lines.append(
             f"| {scheme} | {get(m or a, 'weight_bytes', 2**-20, '{:.1f}')} | "
             f"{get(a, 'bytes_streamed_per_token', 2**-20, '{:.1f}')} | {get(a, 'decode_tokens_per_s')} | "
-            f"{get(m, 'decode_tokens_per_s')} | {get(a, 'peak_rss_bytes', 2**-20, '{:.1f}')} | "
-            f"{get(m, 'peak_rss_bytes', 2**-20, '{:.1f}')} | "
+            f"{get(m, 'decode_tokens_per_s')} | {get(a, 'decode_peak_rss_bytes', 2**-20, '{:.1f}')} | "
+            f"{get(m, 'decode_peak_rss_bytes', 2**-20, '{:.1f}')} | "
             f"{get(a, 'decode_working_set_bytes', 2**-20, '{:.1f}')} "
             f"({get(a, 'planned_peak_bytes', 2**-20, '{:.1f}')}) | "
             f"{get(m, 'decode_working_set_bytes', 2**-20, '{:.1f}')} | {get(m, 'ppl', 1, '{:.4f}')} | "
@@ -246,9 +247,29 @@ def main():
                         help="also measure the matvec formulations (default on)")
     parser.add_argument("--matvec-only", action="store_true")
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "quant_smollm2"))
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: "scheme/policy" in this process
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: "scheme/policy/round" in this process
+    parser.add_argument("--resummarize", action="store_true",
+                        help="rewrite the summary from the rounds already in --out, running nothing")
     args = parser.parse_args()
     out = Path(args.out)
+    if args.resummarize:
+        from stagejax_device.results import atomic_write_json, atomic_write_text
+
+        runs = {(scheme, policy): [json.loads(f.read_text()) for f in
+                                   sorted((out / scheme / policy).glob("round*/metrics.json"))]
+                for scheme in args.schemes.split(",") for policy in args.policies.split(",")}
+        runs = {key: rounds for key, rounds in runs.items() if rounds}
+        args.rounds = min(len(rounds) for rounds in runs.values())
+        rows: dict[str, dict] = {}
+        for (scheme, policy), rounds in runs.items():
+            rows.setdefault(scheme, {})[policy] = median_run(rounds[:args.rounds])
+        matvec_file = out / "matvec.json"
+        matvec = json.loads(matvec_file.read_text()) if matvec_file.exists() else None
+        table, summary = summarize(rows, args, matvec)
+        print(table)
+        atomic_write_json(out / "summary.json", summary)
+        atomic_write_text(out / "summary.md", table + "\n")
+        return
     if args.one:
         scheme, policy, round_index = args.one.split("/")
         run_one(scheme, policy, out / scheme / policy / f"round{round_index}", args)

@@ -257,7 +257,8 @@ def stored_keys(key: str, available) -> tuple[str, ...]:
 def dequantized_bytes(key: str, shape) -> int:
     """float32 bytes of the matrix a stored quantized array (`…/w_<tag>`) dequantizes to inside
     a jit — a temporary the stage holds beside its stored bytes; 0 for other arrays."""
-    tag = key.rsplit("_", 1)[-1] if "_" in key.rsplit("/", 1)[-1] else None
+    name = key.rsplit("/", 1)[-1]  # "w_<tag>"; a GGUF tag has an underscore of its own (q4_1)
+    tag = name.split("_", 1)[1] if "_" in name else None
     if tag not in TAGS:
         return 0
     elements = int(np.prod(shape))

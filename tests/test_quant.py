@@ -309,3 +309,21 @@ def test_smollm2_gguf_native_reproduces_none(tmp_path):
     # one with a parameter), 0.0 on 128 tokens of wiki.test.raw; same weights bit for bit
     np.testing.assert_allclose(native_logits, np.asarray(logits(config, floats, tokens)),
                                atol=GGUF_NATIVE_ATOL, rtol=0)
+
+
+def test_every_stored_format_charges_its_dequantized_matrix():
+    """The plan charges a quantized stage the float32 matrix it dequantizes to: for every
+    stored tag, GGUF's block tags (which hold an underscore, q4_1) included; companions and
+    float arrays charge nothing."""
+    from stagejax.quant import GGUF_BLOCK_BYTES, dequantized_bytes
+
+    out_dim, in_dim = 576, 1536
+    full = 4 * out_dim * in_dim
+    assert dequantized_bytes("L0/o/w_i8", (out_dim, in_dim)) == full
+    assert dequantized_bytes("L0/o/w_i4", (in_dim, out_dim // 2)) == full
+    assert dequantized_bytes("L0/o/w_u4", (in_dim, out_dim // 2)) == full
+    for tag, block_bytes in GGUF_BLOCK_BYTES.items():
+        stored = (out_dim, in_dim // 32 * block_bytes)
+        assert dequantized_bytes(f"L0/ffn/0/w_{tag}", stored) == full, tag
+    for key in ("L0/o/w", "L0/o/w_scale", "L0/o/w_zero", "embed/0/w"):
+        assert dequantized_bytes(key, (out_dim, in_dim)) == 0, key
