@@ -201,7 +201,10 @@ def summarize(rows: dict, args, matvec: list[dict] | None) -> tuple[str, dict]:
         "whole process while decoding MB atomic | … model | working set MB atomic (planned) | "
         "working set MB model | PPL | ± |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    summary = {"settings": vars(args), "runs": rows}
+    settings = dict(vars(args))
+    if Path(settings["out"]).resolve().is_relative_to(REPO):  # no machine paths in results
+        settings["out"] = str(Path(settings["out"]).resolve().relative_to(REPO))
+    summary = {"settings": settings, "runs": rows}
     none_ppl = rows.get("none", {}).get("model", {}).get("ppl")
     for scheme, by in rows.items():
         a, m = by.get("atomic", {}), by.get("model", {})
