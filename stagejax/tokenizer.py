@@ -17,8 +17,9 @@ from tokenizers import pre_tokenizers
 
 # A long text is encoded in pieces of about this many characters: `tokenizers` keeps per-token
 # strings and offsets for a whole call (~650 bytes a token: 200 MB for WikiText-2's test set),
-# a piece's only until its ids are copied out.
-ENCODE_PIECE_CHARS = 1 << 14
+# a piece's only until its ids are copied out. Sized for a byte-level vocabulary (a token per
+# character): pieces of 16K characters held ~10 MB, outside every plan.
+ENCODE_PIECE_CHARS = 1 << 11
 # Where GPT-2's byte-level split regex cuts the same whether or not the text continues: at a line
 # break between two visible ASCII characters, or before one space and a visible character. (A
 # whitespace run before a visible character gives its last character to the next pre-token, so
