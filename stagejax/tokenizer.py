@@ -69,18 +69,18 @@ class Tokenizer:
         parts: list[np.ndarray] = []
         if self.add_bos and self.bos_token_id is not None:
             parts.append(np.asarray([self.bos_token_id], np.int32))
-
-        def enough() -> bool:
-            return max_tokens is not None and sum(len(p) for p in parts) >= max_tokens
+        count = sum(len(p) for p in parts)  # tokens encoded so far
+        limit = np.inf if max_tokens is None else max_tokens
 
         pending = ""
         for chunk in chunks:
             pending += chunk
             # Cut only where the boundary's context (a character before, two after) is read.
-            while not enough() and (cut := _PIECE_BOUNDARY.search(pending, ENCODE_PIECE_CHARS)):
+            while count < limit and (cut := _PIECE_BOUNDARY.search(pending, ENCODE_PIECE_CHARS)):
                 parts.append(np.asarray(self.encode(pending[:cut.end()], add_bos=False), np.int32))
+                count += len(parts[-1])
                 pending = pending[cut.end():]
-            if enough():
+            if count >= limit:
                 break
         else:
             if pending:
