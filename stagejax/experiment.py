@@ -438,6 +438,7 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
             settings.eval.procedure, n_ctx, settings.eval.ppl_chunks, settings.eval.stride))
         text.close()
         release_freed_memory()  # the reading's buffers, before the passes that the plan bounds
+        scoring_compiles_from = compile_cache.counters()
         nll_fn = run.nll_fn()
         if settings.eval.procedure == "llama_cpp":
             result = perplexity_llama_cpp(nll_fn, tokens, n_ctx, settings.eval.ppl_chunks, progress)
@@ -449,6 +450,9 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
                        ppl_scored_tokens=result.n_scored_tokens,
                        ppl_text_mode=settings.eval.text_mode,
                        ppl_peak_rss_bytes=peak.phase_peak_bytes())
+        scoring_compiles = compile_cache.counters().since(scoring_compiles_from)
+        metrics["ppl_compile_cache_misses"] = scoring_compiles.cache_misses
+        metrics["ppl_compile_cache_hits"] = scoring_compiles.cache_hits
         metrics["ppl_working_set_bytes"] = metrics["ppl_peak_rss_bytes"] - baseline_rss
 
     phases.enter("write")

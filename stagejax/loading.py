@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import gc
 from pathlib import Path
 from typing import Callable
@@ -90,10 +91,9 @@ def return_free_heap() -> None:
     stay resident: over the 32 passes of a 2,048-token window a tiny model's RSS grew 34 MB
     above its live memory, all of it returned by one trim. A no-op off glibc.
     """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: nothing to trim
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def use_one_malloc_arena() -> None:
@@ -108,10 +108,20 @@ def use_one_malloc_arena() -> None:
 
 
 def _mallopt(option: int, value: int) -> None:
+    libc = _glibc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(option, value)
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library if it is glibc, loaded once: staged passes trim after every group, and
+    each load makes a handful of objects in reference cycles."""
     try:
-        ctypes.CDLL("libc.so.6").mallopt(option, value)
-    except (OSError, AttributeError):  # not glibc
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
 
 
 def open_model(name: str = "smollm2_135m", path: str | None = None, seed: int = 0) -> ModelHandle:

@@ -45,8 +45,8 @@ from typing import Callable, Sequence
 from stagejax import roofline
 from stagejax.model_config import ModelConfig
 from stagejax.scheduler import (FIXED_POLICIES, Group, GroupPlan, activation_bytes,
-                                group_stages, kv_read_bytes, plan_groups, resident_state_bytes,
-                                streams_weights, xla_scratch_bytes)
+                                group_stages, kv_read_bytes, lingering_scratch, plan_groups,
+                                resident_state_bytes, streams_weights, xla_scratch_bytes)
 from stagejax.stages import ChunkLayout, Stage
 
 BUDGET_POLICIES = ("budget", "similar_size", "optimal")
@@ -160,6 +160,10 @@ class PlanContext:
     # A disk cache's read buffer stays resident between groups (`plan_groups`): the largest KV
     # read of the plan, charged to every group. Budget policies find it by re-planning.
     kv_resident_bytes: int = 0
+    # In passes of many tokens each group also holds its predecessor's XLA temporaries
+    # (`scheduler.lingering_scratch`); budget policies charge every group the plan's largest,
+    # found by re-planning as the disk cache's read buffer is.
+    lingering_scratch_bytes: int = 0
     # A cache in RAM: every layer's rows up to the context, resident through every group.
     kv_ram_bytes: int = 0
     scoring: bool = False  # the pass planned is a perplexity pass (tokens > 1)
@@ -187,12 +191,22 @@ class PlanContext:
         kv += self.kv_ram_bytes
         return (activation_bytes(group, self.config, tokens, scoring, self.resident_state(tokens, scoring))
                 + kv + (self.dequant_bytes_of(group.weight_keys) if self.dequant_bytes_of else 0)
-                + xla_scratch_bytes(group, self.config, tokens, self.kv_block, self.past_rows,
-                                    scoring, self.layout))
+                + self.scratch_bytes(group, tokens, scoring)
+                + (self.lingering_scratch_bytes if lingering_scratch(tokens) else 0))
 
-    def scratch_bytes(self, group: Group) -> int:
-        return xla_scratch_bytes(group, self.config, self.tokens, self.kv_block, self.past_rows,
-                                 self.scoring, self.layout)
+    def scratch_bytes(self, group: Group, tokens: int | None = None, scoring: bool | None = None) -> int:
+        """XLA's temporaries of the group's own executable in a pass of `tokens` tokens
+        (default: the pass planned)."""
+        tokens = self.tokens if tokens is None else tokens
+        scoring = self.scoring if scoring is None else scoring
+        return xla_scratch_bytes(group, self.config, tokens, self.kv_block, self.past_rows,
+                                 scoring, self.layout)
+
+    def largest_lingering_scratch(self, groups: Sequence[Group]) -> int:
+        """The largest temporaries any group leaves to its successor in a pass of many tokens."""
+        return max((self.scratch_bytes(g, tokens, scoring) for tokens, scoring
+                    in ((self.tokens, self.scoring),) + self.other_passes if lingering_scratch(tokens)
+                    for g in groups), default=0)
 
     def peak(self, group: Group, slab: int) -> int:
         """The group's budget accounting with slabs of `slab` bytes (as `plan_groups`), in the
@@ -452,15 +466,18 @@ def make_plan(stages: Sequence[Stage], policy: str, ctx: PlanContext,
         check_atomic_fits(stages, ctx, budget_bytes)
         segs = segments(stages)
         # Every group is charged the disk cache's read buffer, the plan's largest KV read,
-        # which depends on the grouping: plan, charge that read, and plan again until the
-        # charge covers the plan's own largest read (the charge only grows; a few rounds).
+        # and in passes of many tokens the plan's largest XLA temporaries (its predecessor's),
+        # which depend on the grouping: plan, charge them, and plan again until the charges
+        # cover the plan's own (they only grow; a few rounds).
         for _ in range(8):
             groups = _budget_policy_groups(policy, stages, segs, ctx, budget_bytes)
             largest_read = max(kv_read_bytes(g, ctx.config, ctx.kv_block_bytes, ctx.kv_layer_bytes)
-                               for g in groups)
-            if not ctx.kv_on_disk or largest_read <= ctx.kv_resident_bytes:
+                               for g in groups) if ctx.kv_on_disk else 0
+            lingering = ctx.largest_lingering_scratch(groups)
+            if largest_read <= ctx.kv_resident_bytes and lingering <= ctx.lingering_scratch_bytes:
                 break
-            ctx = dataclasses.replace(ctx, kv_resident_bytes=largest_read)
+            ctx = dataclasses.replace(ctx, kv_resident_bytes=max(largest_read, ctx.kv_resident_bytes),
+                                      lingering_scratch_bytes=max(lingering, ctx.lingering_scratch_bytes))
     else:
         groups = group_stages(stages, policy, ctx.config)
     plan = account(policy, groups, ctx, budget_bytes)

@@ -141,7 +141,9 @@ class GroupPlan:
     prefetch_bytes: int  # buffers of the units read ahead
     buffer_bytes: int = 0  # the buffer holding its weights (a slab: >= weight_bytes), 0 = weight_bytes
     dequant_bytes: int = 0  # float32 temporary of its largest quantized matrix, dequantized in-jit
-    scratch_bytes: int = 0  # XLA's temporaries (`xla_scratch_bytes`)
+    # XLA's temporaries (`xla_scratch_bytes`) live while it runs: its own and, in a pass of
+    # many tokens, the previous group's (`lingering_scratch`)
+    scratch_bytes: int = 0
 
     @property
     def peak_bytes(self) -> int:
@@ -242,6 +244,21 @@ def xla_scratch_bytes(group: Group, config: ModelConfig, tokens: int, kv_block: 
     return SCRATCH_FLOOR_BYTES + 4 * (max(value_sum, past) + 4 * t * n * rows + small)
 
 
+def lingering_scratch(tokens: int) -> bool:
+    """Whether a pass of `tokens` tokens holds a group's XLA temporaries into the next group.
+
+    XLA runs a pass over many tokens on its worker threads, and a worker frees the
+    executable's temporaries after the outputs are ready: the caller sees them for up to
+    ~0.5 ms after the group returns, long enough for the next group to allocate its own
+    (a 2,048-token scoring window of 64-token passes: one layer's 12.4 MB still resident
+    after ~15% of its groups, whichever XLA CPU flags were set). One-token steps show it
+    too, but small (SmolLM2 atomic at a 450-token past: 51 of 4,592 groups, at most 0.4 MB),
+    within what runs are allowed beyond their plan, and not charged there: it would count a
+    `layer` step's attention temporaries twice in every decode plan for that.
+    """
+    return tokens > 1
+
+
 def kv_read_bytes(group: Group, config: ModelConfig, kv_block_bytes, layer_past_bytes) -> int:
     """KV bytes resident while the group runs: one block (blocked attention) or whole pasts."""
     if group.kind == "attn_blocks":
@@ -266,13 +283,20 @@ def plan_groups(groups: Sequence[Group], config: ModelConfig, weight_bytes_of, t
     `resident_kv_bytes`: a cache in RAM, every layer's written rows, held through every group
     (`kv_store.resident_cache_bytes`) on top of the group's own read. `scoring`: a perplexity
     pass (the head keeps NLL accumulators, not logits); `resident_state`: activations held in
-    RAM through every group (`resident_state_bytes`; 0 with activations in external memory)."""
+    RAM through every group (`resident_state_bytes`; 0 with activations in external memory).
+    In a pass of more than one token each group is also charged its predecessor's XLA
+    temporaries (`lingering_scratch`)."""
     kv = [kv_read_bytes(g, config, kv_block_bytes, layer_past_bytes) for g in groups]
     if kv_buffer_persists and kv:
         kv = [max(kv)] * len(kv)
     kv = [k + resident_kv_bytes for k in kv]
     streamed = [weight_bytes_of(g.weight_keys) if streams_weights(g) else 0 for g in groups]
     units = [i for i, g in enumerate(groups) if streams_weights(g)]
+    scratch = [scratch_bytes_of(g) if scratch_bytes_of else 0 for g in groups]
+    if lingering_scratch(tokens):
+        # Passes repeat the sequence (decode steps, prefill and scoring windows): the first
+        # group follows the last.
+        scratch = [own + scratch[i - 1] for i, own in enumerate(scratch)]
     rows = []
     for i, group in enumerate(groups):
         if group.kind == "embed":
@@ -294,5 +318,5 @@ def plan_groups(groups: Sequence[Group], config: ModelConfig, weight_bytes_of, t
                               activation_bytes(group, config, tokens, scoring, resident_state),
                               kv[i], ahead,
                               buffer, dequant_bytes_of(group.weight_keys) if dequant_bytes_of else 0,
-                              scratch_bytes_of(group) if scratch_bytes_of else 0))
+                              scratch[i]))
     return rows

@@ -210,6 +210,19 @@ def scored_runs(tmp_path_factory):
             for name in ("first", "second")]
 
 
+def test_perplexity_stays_within_its_planned_passes(scored_runs):
+    """The scoring phase (reading and tokenizing the text, then the passes) within the plan of
+    its passes: the RAM cache they fill (16 MiB, twice the allowance), their activations and
+    XLA temporaries, the previous group's among them."""
+    for metrics in scored_runs:
+        planned, measured = metrics["planned_scoring_peak_bytes"], metrics["ppl_working_set_bytes"]
+        assert metrics["ppl_scored_tokens"] == 1023
+        assert planned > 2 * MEMORY_ALLOWANCE_BYTES
+        assert measured <= planned + MEMORY_ALLOWANCE_BYTES, (measured / 2**20, planned / 2**20)
+        planned_prefill = metrics["planned_prefill_peak_bytes"]
+        assert metrics["prefill_working_set_bytes"] <= planned_prefill + MEMORY_ALLOWANCE_BYTES
+
+
 def test_a_second_identical_run_compiles_from_the_persistent_cache(scored_runs):
     first, second = scored_runs
     assert first["compile_cache_misses"] > 0

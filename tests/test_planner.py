@@ -242,7 +242,7 @@ def tiny_store(tmp_path_factory):
 
 
 @pytest.mark.parametrize("policy", BUDGET_POLICIES)
-@pytest.mark.parametrize("budget_kb", [64, 400])
+@pytest.mark.parametrize("budget_kb", [96, 400])
 def test_budget_policies_equal_monolithic(tiny_store, policy, budget_kb):
     config, store, layout, params = tiny_store
     kv = KVLayout("disk", "head_major", 8)
