@@ -187,7 +187,7 @@ def median_run(runs: list[dict]) -> dict:
 def summarize(rows: dict, args, matvec: list[dict] | None) -> tuple[str, dict]:
     lines = [
         f"{args.model}, context {args.n_ctx} (a WikiText-2 prompt of "
-        f"{next(iter(rows.values()))['model']['prompt_tokens'] if rows else '?'} tokens + "
+        f"{round(next(iter(rows.values()))['model']['prompt_tokens']) if rows else '?'} tokens + "
         f"{args.new_tokens} decode steps), KV on disk (kv_block {args.kv_block}), ffn_chunks "
         f"{args.ffn_chunks}, vocab_chunk {args.vocab_chunk}, prefetch depth {args.prefetch_depth}; "
         f"perplexity: first {args.ppl_chunks} chunks of wiki.test.raw through `model` with the "

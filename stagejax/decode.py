@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stagejax import ops
+from stagejax.models import ops
 from stagejax.model_config import ModelConfig
 from stagejax.models import Decoder, init_kv_cache, write_kv_rows
 from stagejax.sampling import SamplingConfig, sample_token

@@ -32,7 +32,7 @@ from stagejax.scheduler import (Group, GroupPlan, group_stages, kv_flush_points,
                                 resident_state_bytes, streams_weights, xla_scratch_bytes)
 from stagejax.stages import (STAGE_FNS, ChunkLayout, Stage, attention_block_step, attn_layer_fn, build_stages,
                              init_state, kv_groups_of, scored_nll, stage_index_value)
-from stagejax import ops
+from stagejax.models import ops
 
 
 # Executables with attention are compiled without XLA's YNNPACK fusions: the value sum of a decode

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stagejax import ops
+from stagejax.models import ops
 from stagejax.devices import device_from_settings
 from stagejax.executor import Program, StagedDecoder
 from stagejax.experiment import plan_context

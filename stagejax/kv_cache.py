@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from stagejax import ops
+from stagejax.models import ops
 from stagejax_device import kv_store
 from stagejax_device.kv_store import (KV_DTYPES, KV_LOCATIONS, KV_ORDERS, KVLayout,  # noqa: F401
                                       file_system_type, scratch_file,

@@ -9,7 +9,7 @@ bytes / memory bandwidth); a staged decode adds the time to read streamed weight
 
 Accounting conventions (per stage kind; T tokens in the pass, S = `kv_len` past tokens cached
 before the pass, D width, N query heads, K kv heads, H head dim, F FFN width, V vocab; names as
-in `stagejax.ops`):
+in `stagejax.models.ops`):
   * A matrix product costs 2 FLOPs per weight per token (multiply + add).
   * Attention, per query head: QK^T and PV cost 4 H FLOPs per attended key; softmax (scale, max,
     exp, sum, online-softmax rescale) is counted as `SOFTMAX_FLOPS_PER_SCORE` = 5 FLOPs per

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from stagejax import ops
+from stagejax.models import ops
 from stagejax.model_config import ModelConfig
 from stagejax.stages import ChunkLayout, Stage, kv_groups_of
 

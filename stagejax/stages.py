@@ -2,8 +2,10 @@
 
 A `Stage` is a name, its kind, the shard keys of the weights it needs, and — through its kind —
 a pure function over the step's activation state. Stages hold nothing; the scheduler groups
-consecutive stages and the executor jits and runs each group. Every stage function calls the
-same `stagejax.ops` math as the monolithic `Decoder`, so the two paths cannot drift apart.
+consecutive stages and the executor jits and runs each group. A stage function applies a
+method of the model's own Flax modules (`models.Block`, `models.Decoder`) to its slice of the
+parameters — the monolithic `Decoder` is built from the same methods — so the two paths share
+one definition of the model.
 
 Activation state (one dict of arrays, donated from group to group; batch 1, T tokens):
   x [1, T, D] residual stream      h [1, T, D] normed hidden
@@ -28,8 +30,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from stagejax import ops, quant
+from stagejax import quant
+from stagejax.models import ops
 from stagejax.model_config import ModelConfig
+from stagejax.models.decoder import Block, Decoder
 
 KINDS = ("embed", "attn_norm", "q", "k", "v", "attn", "o", "ffn_norm", "ffn", "final_norm", "head")
 
@@ -151,50 +155,86 @@ def stage_index_value(stage: Stage, layout: ChunkLayout) -> int:
 # ---- the stage functions ---------------------------------------------------------------------
 # Each takes (config, state, weights, ctx, index) and returns the new state. `weights` maps the
 # stage's weight-key leaf names ("w", "b", "gate", ...) to arrays; `index` is a traced int32.
+# The math is the model's own: each function applies a method of `models.Block` or
+# `models.Decoder` to the stage's slice of the parameters, and only moves arrays in and out of
+# the activation state.
 
 
-def _norm(config, x, weights):
-    if config.family == "gpt2":
-        return ops.layer_norm(x, weights["w"], weights["b"], config.norm_eps)
-    return ops.rms_norm(x, weights["w"], config.norm_eps)
+def _matrix(weights: dict, leaf: str, shape=None):
+    """Weight `leaf` as the model's parameter: a float array (reshaped to `shape`) or the
+    `QuantizedMatrix` of its stored leaves (the layer dequantizes it)."""
+    if leaf in weights:
+        return weights[leaf] if shape is None else weights[leaf].reshape(shape)
+    return quant.QuantizedMatrix.from_stored(leaf, weights)
 
 
-def _project_head(config, state, weights, ctx, index, target, rope: bool):
-    """One head's (or kv group's) projection, written into state[target][:, :, index]."""
-    y = jnp.einsum("BTD,DH->BTH", state["h"], quant.matrix(weights, "w", after=state["h"]))
+def _projection(weights: dict, shape, bias_shape) -> dict:
+    params = {"kernel": _matrix(weights, "w", shape)}
     if "b" in weights:
-        y = y + weights["b"]
-    y_BT1H = y[:, :, None, :]
-    if rope and config.family == "llama":
-        y_BT1H = ops.rope(y_BT1H, ctx["positions"], config.rope_theta)
+        params["bias"] = weights["b"].reshape(bias_shape)
+    return params
+
+
+def _norm_params(weights: dict) -> dict:
+    return {"scale": weights["w"], **({"bias": weights["b"]} if "b" in weights else {})}
+
+
+def _apply(module, params: dict, method, *args):
+    return module.apply({"params": params}, *args, method=method)
+
+
+def _norm(config, x, weights, name: str):
+    """A layer's norm (`attn_norm`, `ffn_norm`) or the final one, by the model's module."""
+    if name == "final_norm":
+        return _apply(Decoder(config), {name: _norm_params(weights)}, Decoder.final, x)
+    method = Block.attention_input if name == "attn_norm" else Block.ffn_input
+    return _apply(Block(config), {name: _norm_params(weights)}, method, x)
+
+
+def _project_head(config, state, weights, ctx, index, target):
+    """One query head's (or kv group's) projection by the layer's own method, written into
+    state[target][:, :, index]."""
+    d, h = config.d_model, config.head_dim
+    params = {target[0]: _projection(weights, (d, 1, h), (1, h))}
+    if target == "q":
+        y_BT1H = _apply(Block(config, heads=1), params, Block.queries, state["h"], ctx["positions"])
+    elif target == "k_new":
+        y_BT1H = _apply(Block(config, kv_heads=1), params, Block.keys, state["h"], ctx["positions"])
+    else:
+        y_BT1H = _apply(Block(config, kv_heads=1), params, Block.values, state["h"])
     return {**state, target: jax.lax.dynamic_update_slice(
         state[target], y_BT1H.astype(state[target].dtype), (0, 0, index, 0))}
 
 
 def embed_fn(config, state, weights, ctx, index):
     """weights: the token-embedding rows [T, ...] of this step's tokens under their stored leaf
-    names ("w" [T, D] float32, or e.g. "w_i4" + "w_scale", dequantized here) (+ "pos_rows"
-    [T, D] for GPT-2)."""
-    x = quant.embedding_rows(weights, "w")[None]
+    names ("w" [T, D] float32, or e.g. "w_i4" + "w_scale", dequantized by the embedding)
+    (+ "pos_rows" [T, D] for GPT-2): the model's embedding applied to the rows read."""
+    t = state["x"].shape[1]
+    rows = (weights["w"] if "w" in weights
+            else quant.QuantizedMatrix.from_stored("w", weights, rows=True))
+    params = {"embed": {"embedding": rows}}
     if "pos_rows" in weights:
-        x = x + weights["pos_rows"][None]
+        params["pos_embed"] = {"embedding": weights["pos_rows"]}
+    own = jnp.arange(t, dtype=jnp.int32)[None]
+    x = _apply(Decoder(config, vocab_rows=t, position_rows=t), params, Decoder.embed_tokens, own, own)
     return {**state, "x": x.astype(state["x"].dtype)}
 
 
 def attn_norm_fn(config, state, weights, ctx, index):
-    return {**state, "h": _norm(config, state["x"], weights)}
+    return {**state, "h": _norm(config, state["x"], weights, "attn_norm")}
 
 
 def q_fn(config, state, weights, ctx, index):
-    return _project_head(config, state, weights, ctx, index, "q", rope=True)
+    return _project_head(config, state, weights, ctx, index, "q")
 
 
 def k_fn(config, state, weights, ctx, index):
-    return _project_head(config, state, weights, ctx, index, "k_new", rope=True)
+    return _project_head(config, state, weights, ctx, index, "k_new")
 
 
 def v_fn(config, state, weights, ctx, index):
-    return _project_head(config, state, weights, ctx, index, "v_new", rope=False)
+    return _project_head(config, state, weights, ctx, index, "v_new")
 
 
 def past_mask(ctx, block_start, block_len: int):
@@ -225,24 +265,25 @@ def kv_groups_of(config: ModelConfig, n_heads: int) -> int:
 def attention_block_step(config, state, carry, ctx, first_head, n_heads: int, k_SKH, v_SKH,
                          block_start, finish: bool, kv_dtype: str = "float32"):
     """Fold one block of past keys/values into the online-softmax carry of heads
-    [first_head, first_head + n_heads); with `finish`, also fold this step's own keys, write
-    the heads' outputs into state["attn"] and return a fresh carry.
+    [first_head, first_head + n_heads) (`Block.attend_block`); with `finish`, also fold this
+    step's own keys, write the heads' outputs into state["attn"] and return a fresh carry.
 
     k_SKH, v_SKH: past rows [block_start, block_start + S) of the heads' kv groups.
-    kv_dtype: the cache's dtype; this step's own keys/values pass its round trip, so they are
-      what a later step reads back from the cache.
+    kv_dtype: the cache's dtype; this step's own keys/values pass its round trip
+      (`Block.cached`), so they are what a later step reads back from the cache.
     """
+    block = Block(config, kv_dtype)
     n_groups = k_SKH.shape[1]
     q_TnH = jax.lax.dynamic_slice_in_dim(state["q"][0], first_head, n_heads, axis=1)
-    carry = ops.online_softmax_update(carry, q_TnH, k_SKH, v_SKH,
-                                      past_mask(ctx, block_start, k_SKH.shape[0]))
+    carry = _apply(block, {}, Block.attend_block, carry, q_TnH, k_SKH, v_SKH,
+                   past_mask(ctx, block_start, k_SKH.shape[0]))
     if not finish:
         return state, carry
     first_group = first_head // config.queries_per_kv_head
     own_k = jax.lax.dynamic_slice_in_dim(state["k_new"][0], first_group, n_groups, axis=1)
     own_v = jax.lax.dynamic_slice_in_dim(state["v_new"][0], first_group, n_groups, axis=1)
-    own_k, own_v = ops.kv_roundtrip(own_k, kv_dtype), ops.kv_roundtrip(own_v, kv_dtype)
-    carry = ops.online_softmax_update(carry, q_TnH, own_k, own_v, own_mask(ctx))
+    own_k, own_v = _apply(block, {}, Block.cached, own_k), _apply(block, {}, Block.cached, own_v)
+    carry = _apply(block, {}, Block.attend_block, carry, q_TnH, own_k, own_v, own_mask(ctx))
     out_1TnH = ops.online_softmax_finish(carry)[None].astype(state["attn"].dtype)
     attn = jax.lax.dynamic_update_slice(state["attn"], out_1TnH, (0, 0, first_head, 0))
     t, _, h = q_TnH.shape
@@ -274,37 +315,48 @@ def attn_layer_fn(config, state, weights, ctx, index):
 
 
 def o_fn(config, state, weights, ctx, index):
-    y = ops.output_projection(state["attn"], quant.matrix(weights, "w", after=state["attn"]))
-    if "b" in weights:
-        y = y + weights["b"]
+    c = config
+    params = {"o": _projection(weights, (c.n_heads, c.head_dim, c.d_model), (c.d_model,))}
+    y = _apply(Block(config), params, Block.attention_output, state["attn"])
     return {**state, "x": state["x"] + y}
 
 
 def ffn_norm_fn(config, state, weights, ctx, index):
-    return {**state, "h": _norm(config, state["x"], weights)}
+    return {**state, "h": _norm(config, state["x"], weights, "ffn_norm")}
 
 
 def ffn_fn(config, state, weights, ctx, index):
-    """One FFN chunk, added to the residual: the chunks' contributions sum to the full FFN."""
-    h = state["h"]
-    up, down = quant.matrix(weights, "up", after=h), quant.matrix(weights, "down", after=h)
-    if config.family == "llama":
-        y = ops.swiglu(h, quant.matrix(weights, "gate", after=h), up, down)
-    else:
-        y = ops.gelu_mlp(h, up, weights["up_b"], down)
-        if "down_b" in weights:
-            y = y + weights["down_b"]
-    return {**state, "x": state["x"] + y}
+    """One FFN chunk by the layer's own FFN over the chunk's columns, added to the residual:
+    the chunks' contributions sum to the full FFN (GPT-2's down bias comes with chunk 0)."""
+    up = _matrix(weights, "up")
+    width = up.shape[1] if hasattr(up, "shape") else up.out_dim
+    params = {"up": {"kernel": up}, "down": {"kernel": _matrix(weights, "down")}}
+    if "gate" in weights or quant.stored_tag("gate", weights):
+        params["gate"] = {"kernel": _matrix(weights, "gate")}
+    if "up_b" in weights:
+        params["up"]["bias"] = weights["up_b"]
+    if "down_b" in weights:
+        params["down"]["bias"] = weights["down_b"]
+    block = Block(config, ffn_width=width, ffn_down_bias="down_b" in weights)
+    return {**state, "x": state["x"] + _apply(block, params, Block.ffn, state["h"])}
 
 
 def final_norm_fn(config, state, weights, ctx, index):
-    return {**state, "h": _norm(config, state["x"], weights)}
+    return {**state, "h": _norm(config, state["x"], weights, "final_norm")}
 
 
 def _head_logits(config, h_TD, weights):
-    if config.tie_embeddings and "w" in weights:  # float32 embedding rows [rows, D]
-        return jnp.einsum("TD,VD->TV", h_TD, weights["w"])
-    return jnp.einsum("TD,DV->TV", h_TD, quant.matrix(weights, "w", after=h_TD))  # [D, rows]
+    """One vocabulary chunk's logits [T, rows] by the model's head: a tied head's float32
+    embedding rows [rows, D], or a [D, rows] matrix (an untied head, or a quantized tied
+    head's input-major copy)."""
+    if config.tie_embeddings and "w" in weights:
+        rows = weights["w"].shape[0]
+        params = {"embed": {"embedding": weights["w"]}}
+    else:
+        matrix = _matrix(weights, "w")
+        rows = matrix.shape[1] if hasattr(matrix, "shape") else matrix.out_dim
+        params = {"embed": {"embedding": matrix}} if config.tie_embeddings else {"head": {"kernel": matrix}}
+    return _apply(Decoder(config, vocab_rows=rows), params, Decoder.logits, h_TD[None])[0]
 
 
 def head_fn(config, state, weights, ctx, index):
@@ -319,10 +371,7 @@ def head_fn(config, state, weights, ctx, index):
         logits = _head_logits(config, h_1D, weights)[0].astype(jnp.float32)
         return {**state, "logits": jax.lax.dynamic_update_slice(state["logits"], logits, (index,))}
     logits_TV = _head_logits(config, state["h"][0], weights).astype(jnp.float32)
-    chunk_max = jnp.max(logits_TV, axis=-1)
-    m_new = jnp.maximum(state["nll_m"], chunk_max)
-    s_new = (state["nll_s"] * jnp.exp(state["nll_m"] - m_new)
-             + jnp.sum(jnp.exp(logits_TV - m_new[:, None]), axis=-1))
+    m_new, s_new = ops.logsumexp_update(state["nll_m"], state["nll_s"], logits_TV)
     local = ctx["targets"] - index
     inside = (local >= 0) & (local < logits_TV.shape[1])
     picked = jnp.take_along_axis(logits_TV, jnp.clip(local, 0, logits_TV.shape[1] - 1)[:, None], 1)[:, 0]

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from allpairspy import AllPairs
 
-from stagejax import ops
+from stagejax.models import ops
 from stagejax.decode import forward_logits
 from stagejax.devices import device_from_settings
 from stagejax.experiment import ScheduleRun, plan_context

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from stagejax import ops
+from stagejax.models import ops
 from stagejax.importers import gguf as gguf_import
 from stagejax.importers.gguf import GGUFFile, GGUFImportError, read_gguf
 from stagejax.model_config import ModelConfig

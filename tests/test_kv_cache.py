@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stagejax import ops
+from stagejax.models import ops
 from stagejax.activation_store import ActivationStore
 from stagejax.kv_cache import HostKVCache, KVLayout, file_system_type, stored_kv
 from stagejax.model_config import PRESETS

@@ -88,7 +88,7 @@ def test_prompt_longer_than_context_is_refused():
 
 def test_gqa_heads_attend_their_own_kv_group():
     """Zeroing the values of kv group 0 changes exactly the outputs of query heads 0..G-1."""
-    from stagejax import ops
+    from stagejax.models import ops
 
     b, t, k, g, h = 1, 5, 2, 3, 4
     rng = np.random.default_rng(0)

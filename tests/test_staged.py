@@ -20,6 +20,7 @@ from stagejax.decode import MonolithicDecoder, MonolithicSession, forward_logits
 from stagejax.executor import StagedDecoder
 from stagejax.kv_cache import KVLayout
 from stagejax.loading import open_model
+from stagejax.models.decoder import Block, Decoder
 from stagejax.stages import ChunkLayout, build_stages
 from stagejax_device import native_stream
 from stagejax.store import WeightStore, assemble_params, convert_checkpoint
@@ -84,6 +85,32 @@ def test_staged_logits_equal_monolithic(model, policy, kv_layout):
         np.testing.assert_allclose(decoder.token_nll(tokens[:33]), expected, atol=TINY_ATOL, rtol=0)
     finally:
         decoder.close()
+
+
+@pytest.mark.parametrize("method", ["ffn", "queries", "logits"])
+def test_a_change_to_the_model_changes_staged_and_monolithic_alike(model, monkeypatch, method):
+    """The staged path has no model math of its own: scale what one method of the Flax modules
+    returns, and the staged logits follow the monolithic ones."""
+    config, _, _, params = model
+    tokens = [int(t) for t in np.random.default_rng(3).integers(0, config.vocab_size, 12)]
+
+    def last_logits():
+        jax.clear_caches()  # nothing traced before the change may be reused
+        full = np.asarray(jax.jit(forward_logits, static_argnums=(0, 3))(
+            config, params, jnp.asarray([tokens]), "float32"))[0, -1]
+        decoder = staged(model, "atomic", LAYOUTS[0])
+        try:
+            return full, np.asarray(decoder.prefill(tokens))
+        finally:
+            decoder.close()
+
+    before, _ = last_logits()
+    owner = Decoder if method == "logits" else Block
+    original = getattr(owner, method)
+    monkeypatch.setattr(owner, method, lambda self, *args: 3.0 * original(self, *args))
+    after, after_staged = last_logits()
+    np.testing.assert_allclose(after_staged, after, atol=TINY_ATOL, rtol=0)
+    assert np.abs(after - before).max() > 100 * TINY_ATOL
 
 
 @pytest.mark.parametrize("policy", POLICIES)

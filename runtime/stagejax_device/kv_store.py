@@ -14,7 +14,7 @@ int8) and reads blocks with `preadv` into reused 64-byte-aligned buffers (no mma
 pages would count in RSS), so only the rows being attended are resident. Reads return the
 stored form; attention dequantizes and transposes inside its executable
 (`stagejax.kv_cache.stored_kv`). Lossy dtypes are written through a `quantize` function the
-owner supplies — the very function attention's round trip uses (`stagejax.ops.kv_quantize`,
+owner supplies — the very function attention's round trip uses (`stagejax.models.ops.kv_quantize`,
 jitted on the JAX side, an exported IREE function on a device) — so this module needs no JAX.
 
 The files have no name (`scratch_file`): nothing is left behind however the process ends.

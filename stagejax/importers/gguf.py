@@ -20,7 +20,7 @@ Layout changes made on import (GGUF numpy array -> `Decoder` parameter):
 GPT-2 files (llama.cpp's converter) store q, k and v as one `attn_qkv` matrix, split on import.
 
 Why the permutation: llama.cpp applies RoPE to adjacent pairs (x[2i], x[2i+1]) while Hugging Face
-Llama (and `stagejax.ops.rope`) rotates halves (x[i], x[i + H/2]); llama.cpp's converter
+Llama (and `stagejax.models.ops.rope`) rotates halves (x[i], x[i + H/2]); llama.cpp's converter
 (`convert_hf_to_gguf.py`, `LlamaModel.permute`) reorders the rows of q and k within each head so
 that its pairs are the Hugging Face halves. We apply the inverse.
 """

@@ -1,4 +1,4 @@
-"""Flax definitions of the model families; the math comes from `stagejax.ops`."""
+"""Flax definitions of the model families; the math comes from `stagejax.models.ops`."""
 
 from stagejax.models.decoder import Decoder, KVCache, init_kv_cache, write_kv_rows
 

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from stagejax import ops
+from stagejax.models import ops
 from stagejax.model_config import ModelConfig
 from stagejax.models.layers import INIT_STDDEV, Einsum, Embed, Norm
 
@@ -50,38 +50,93 @@ def write_kv_rows(cache: KVCache, rows, start) -> KVCache:
 
 
 class Block(nn.Module):
+    """One transformer layer. Its methods are the computations the stages run, each over a
+    slice of the layer's parameters (`heads`, `kv_heads`, `ffn_width` say how much of the layer
+    this instance holds; by default all of it); `__call__` is the whole layer built from them."""
+
     config: ModelConfig
     kv_dtype: str = "float32"  # the KV cache's storage dtype: keys/values pass its round trip
+    heads: int | None = None  # query heads of `q` (default: config.n_heads)
+    kv_heads: int | None = None  # kv heads of `k` and `v` (default: config.n_kv_heads)
+    ffn_width: int | None = None  # FFN columns of gate/up/down (default: config.ffn_dim)
+    ffn_down_bias: bool = True  # GPT-2: the down projection's bias (once per layer, not per chunk)
 
     def setup(self):
         c = self.config
         gpt2 = c.family == "gpt2"
+        n = self.heads or c.n_heads
+        k = self.kv_heads or c.n_kv_heads
+        f = self.ffn_width or c.ffn_dim
         norm_kind = "layer" if gpt2 else "rms"
         self.attn_norm = Norm(c.d_model, c.norm_eps, norm_kind)
-        self.q = Einsum((c.d_model, c.n_heads, c.head_dim), "BTD,DNH->BTNH",
-                        (c.n_heads, c.head_dim) if gpt2 else None)
-        self.k = Einsum((c.d_model, c.n_kv_heads, c.head_dim), "BTD,DKH->BTKH",
-                        (c.n_kv_heads, c.head_dim) if gpt2 else None)
-        self.v = Einsum((c.d_model, c.n_kv_heads, c.head_dim), "BTD,DKH->BTKH",
-                        (c.n_kv_heads, c.head_dim) if gpt2 else None)
+        self.q = Einsum((c.d_model, n, c.head_dim), "BTD,DNH->BTNH", (n, c.head_dim) if gpt2 else None)
+        self.k = Einsum((c.d_model, k, c.head_dim), "BTD,DKH->BTKH", (k, c.head_dim) if gpt2 else None)
+        self.v = Einsum((c.d_model, k, c.head_dim), "BTD,DKH->BTKH", (k, c.head_dim) if gpt2 else None)
         self.o = Einsum((c.n_heads, c.head_dim, c.d_model), "BTNH,NHD->BTD",
                         (c.d_model,) if gpt2 else None)
         self.ffn_norm = Norm(c.d_model, c.norm_eps, norm_kind)
         if not gpt2:
-            self.gate = Einsum((c.d_model, c.ffn_dim), "BTD,DF->BTF")
-        self.up = Einsum((c.d_model, c.ffn_dim), "BTD,DF->BTF", (c.ffn_dim,) if gpt2 else None)
-        self.down = Einsum((c.ffn_dim, c.d_model), "BTF,FD->BTD", (c.d_model,) if gpt2 else None)
+            self.gate = Einsum((c.d_model, f), "BTD,DF->BTF")
+        self.up = Einsum((c.d_model, f), "BTD,DF->BTF", (f,) if gpt2 else None)
+        self.down = Einsum((f, c.d_model), "BTF,FD->BTD",
+                           (c.d_model,) if gpt2 and self.ffn_down_bias else None)
+
+    # ---- the computations a stage runs ------------------------------------------------------
+
+    def attention_input(self, x_BTD):
+        return self.attn_norm(x_BTD)
+
+    def queries(self, h_BTD, positions_BT):
+        """This instance's query heads, RoPE applied: [B, T, heads, H]."""
+        return self._rotate(self.q(h_BTD), positions_BT)
+
+    def keys(self, h_BTD, positions_BT):
+        """This instance's kv heads' keys, RoPE applied: [B, T, kv_heads, H]."""
+        return self._rotate(self.k(h_BTD), positions_BT)
+
+    def values(self, h_BTD):
+        return self.v(h_BTD)
+
+    def _rotate(self, x_BTnH, positions_BT):
+        if self.config.family == "llama":
+            return ops.rope(x_BTnH, positions_BT, self.config.rope_theta)
+        return x_BTnH
+
+    def cached(self, x):
+        """Keys or values as a later step reads them back from the cache (a lossy cache's
+        round trip)."""
+        return ops.kv_roundtrip(x, self.kv_dtype)
+
+    def attend_block(self, carry, q_TnH, k_SKH, v_SKH, mask_TS):
+        """Fold one block of keys/values into the online-softmax `carry` of heads `q_TnH`
+        (staged attention reads the cache block by block; `ops.online_softmax_*`)."""
+        return ops.online_softmax_update(carry, q_TnH, k_SKH, v_SKH, mask_TS)
+
+    def attention_output(self, attn_BTNH):
+        """The output projection of every head: the residual's update [B, T, D]."""
+        y_BTD = ops.output_projection(attn_BTNH, self.o.kernel(after=attn_BTNH))
+        return y_BTD + self.o.bias() if self.config.family == "gpt2" else y_BTD
+
+    def ffn_input(self, x_BTD):
+        return self.ffn_norm(x_BTD)
+
+    def ffn(self, h_BTD):
+        """The FFN over this instance's columns: the residual's update [B, T, D] (chunks'
+        updates sum to the whole FFN's)."""
+        if self.config.family == "llama":
+            return ops.swiglu(h_BTD, self.gate.kernel(h_BTD), self.up.kernel(h_BTD),
+                              self.down.kernel(h_BTD))
+        y_BTD = ops.gelu_mlp(h_BTD, self.up.kernel(h_BTD), self.up.bias(), self.down.kernel(h_BTD))
+        return y_BTD + self.down.bias() if self.ffn_down_bias else y_BTD
+
+    # ---- the whole layer ------------------------------------------------------------------------
 
     def __call__(self, x_BTD, positions_BT, kv=None, start=None, rows_only=False):
-        c = self.config
-        h_BTD = self.attn_norm(x_BTD)
-        q_BTNH, k_BTKH, v_BTKH = self.q(h_BTD), self.k(h_BTD), self.v(h_BTD)
-        if c.family == "llama":
-            q_BTNH = ops.rope(q_BTNH, positions_BT, c.rope_theta)
-            k_BTKH = ops.rope(k_BTKH, positions_BT, c.rope_theta)
+        h_BTD = self.attention_input(x_BTD)
+        q_BTNH = self.queries(h_BTD, positions_BT)
         # A lossy cache: attention sees what reading the cache back gives, for every token.
-        k_BTKH = ops.kv_roundtrip(k_BTKH, self.kv_dtype)
-        v_BTKH = ops.kv_roundtrip(v_BTKH, self.kv_dtype)
+        k_BTKH = self.cached(self.keys(h_BTD, positions_BT))
+        v_BTKH = self.cached(self.values(h_BTD))
         k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
         own_mask_BTT = ops.causal_mask(positions_BT, positions_BT)
         if kv is None:
@@ -99,35 +154,50 @@ class Block(nn.Module):
                 (past_mask_BTS, own_mask_BTT))
             rows = (k_BKTH.astype(k_cache.dtype), v_BKTH.astype(v_cache.dtype))
             kv = rows if rows_only else write_kv_rows(((k_cache, v_cache),), (rows,), start)[0]
-        y_BTD = ops.output_projection(attn_BTNH, self.o.kernel(after=attn_BTNH))
-        x_BTD = x_BTD + (y_BTD + self.o.bias() if c.family == "gpt2" else y_BTD)
-
-        h_BTD = self.ffn_norm(x_BTD)
-        if c.family == "llama":
-            x_BTD = x_BTD + ops.swiglu(h_BTD, self.gate.kernel(h_BTD), self.up.kernel(h_BTD),
-                                       self.down.kernel(h_BTD))
-        else:
-            x_BTD = x_BTD + ops.gelu_mlp(h_BTD, self.up.kernel(h_BTD), self.up.bias(),
-                                         self.down.kernel(h_BTD)) + self.down.bias()
+        x_BTD = x_BTD + self.attention_output(attn_BTNH)
+        x_BTD = x_BTD + self.ffn(self.ffn_input(x_BTD))
         return x_BTD, kv
 
 
 class Decoder(nn.Module):
-    """Decoder-only language model. Returns logits [B, T, V] (float32) and the updated cache."""
+    """Decoder-only language model. Returns logits [B, T, V] (float32) and the updated cache.
+
+    `vocab_rows`: how many vocabulary rows this instance's embedding (and head) holds, by
+    default the whole vocabulary; a stage applies `embed_tokens` to the rows it read and
+    `logits` to one chunk of the head."""
 
     config: ModelConfig
     kv_dtype: str = "float32"  # see Block
+    vocab_rows: int | None = None
+    position_rows: int | None = None  # GPT-2's learned positions held (default: max_seq_len)
 
     def setup(self):
         c = self.config
-        self.embed = Embed(c.vocab_size, c.d_model)
+        rows = self.vocab_rows or c.vocab_size
+        self.embed = Embed(rows, c.d_model)
         if c.family == "gpt2":
-            self.pos_embed = nn.Embed(c.max_seq_len, c.d_model,
+            self.pos_embed = nn.Embed(self.position_rows or c.max_seq_len, c.d_model,
                                       embedding_init=nn.initializers.normal(INIT_STDDEV))
         self.layers = [Block(c, self.kv_dtype, name=f"L{i}") for i in range(c.n_layers)]
         self.final_norm = Norm(c.d_model, c.norm_eps, "layer" if c.family == "gpt2" else "rms")
         if not c.tie_embeddings:
-            self.head = Einsum((c.d_model, c.vocab_size), "BTD,DV->BTV")
+            self.head = Einsum((c.d_model, rows), "BTD,DV->BTV")
+
+    def embed_tokens(self, tokens_BT, positions_BT):
+        """The residual stream's start [B, T, D]: token embeddings (+ learned positions)."""
+        x_BTD = self.embed(tokens_BT)
+        if self.config.family == "gpt2":
+            x_BTD = x_BTD + self.pos_embed(positions_BT)
+        return x_BTD
+
+    def final(self, x_BTD):
+        return self.final_norm(x_BTD)
+
+    def logits(self, h_BTD):
+        """The LM head over this instance's vocabulary rows: [B, T, rows] in h's dtype."""
+        if self.config.tie_embeddings:
+            return self.embed.attend(h_BTD)
+        return self.head(h_BTD)
 
     def __call__(self, tokens_BT, positions_BT=None, kv_cache: KVCache | None = None, start=0,
                  rows_only: bool = False):
@@ -141,17 +211,11 @@ class Decoder(nn.Module):
         """
         if positions_BT is None:
             positions_BT = start + jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-        x_BTD = self.embed(tokens_BT)
-        if self.config.family == "gpt2":
-            x_BTD = x_BTD + self.pos_embed(positions_BT)
+        x_BTD = self.embed_tokens(tokens_BT, positions_BT)
         new_cache = []
         for i, layer in enumerate(self.layers):
             x_BTD, kv = layer(x_BTD, positions_BT, None if kv_cache is None else kv_cache[i], start,
                              rows_only)
             new_cache.append(kv)
-        x_BTD = self.final_norm(x_BTD)
-        if self.config.tie_embeddings:
-            logits_BTV = self.embed.attend(x_BTD)
-        else:
-            logits_BTV = self.head(x_BTD)
+        logits_BTV = self.logits(self.final(x_BTD))
         return logits_BTV.astype(jnp.float32), (None if kv_cache is None else tuple(new_cache))

@@ -1,5 +1,5 @@
 """Weight-holding Flax layers shared by both families. They hold parameters only; the math
-they apply is written at the call site with `stagejax.ops` (gemma's `Einsum` pattern).
+they apply is written at the call site with `stagejax.models.ops` (gemma's `Einsum` pattern).
 
 A matrix parameter may be a `stagejax.quant.QuantizedMatrix` (the stored quantized bytes of a
 checkpoint, see `stagejax.store.layout.assemble_params`): the layer dequantizes it inside the
@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from stagejax import ops
+from stagejax.models import ops
 from stagejax.quant import QuantizedMatrix
 
 # GPT-2's initialisation scale, also used for random Llama-family presets.

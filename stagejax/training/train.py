@@ -12,7 +12,7 @@ train, valid and test splits. Into `out_dir` it writes, each atomically:
   - `checkpoints/` — orbax checkpoints (`stagejax.training.checkpoint`), from which a rerun in the
     same directory resumes bit-exactly (same parameters, losses and batches as without the stop).
 
-The loss is the mean token cross-entropy, written with `stagejax.ops.log_softmax`.
+The loss is the mean token cross-entropy, written with `stagejax.models.ops.log_softmax`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from stagejax import ops
+from stagejax.models import ops
 from stagejax.models import Decoder
 from stagejax.models.layers import INIT_STDDEV
 from stagejax_device.results import atomic_write_json, atomic_write_text

@@ -1,7 +1,9 @@
-"""The math of both model families, written once as pure functions over arrays.
+"""The math of the model families, written once as pure functions over arrays.
 
-Every model (monolithic Flax modules) and every stage of the staged executor calls these
-functions, so the two paths cannot drift apart. Nothing here imports anything of stagejax.
+The Flax modules of this package apply these functions; the staged executor reaches them
+through the modules' methods (`models.Block`, `models.Decoder`), and directly only for what
+merges partial results — the online softmax over KV blocks and the log-sum-exp over vocabulary
+chunks. Nothing here imports anything of stagejax but the KV cache's dtypes.
 
 Einsum alphabet (used across the code base):
   B batch, T query tokens, S key/cache tokens, D model width, N query heads, K kv heads,
@@ -131,6 +133,15 @@ def gelu_mlp(x_BTD, w_up_DF, b_up_F, w_down_FD):
 def log_softmax(logits):
     """Log-probabilities in float32."""
     return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def logsumexp_update(m_T, s_T, logits_TV):
+    """Fold one vocabulary chunk's logits into a running log-sum-exp per token (max `m_T`, sum
+    `s_T` of exp(logit - m)): log-probabilities exact across a head's chunks without [T, V]
+    at once. Returns (m_T, s_T)."""
+    m_new = jnp.maximum(m_T, jnp.max(logits_TV, axis=-1))
+    s_new = s_T * jnp.exp(m_T - m_new) + jnp.sum(jnp.exp(logits_TV - m_new[:, None]), axis=-1)
+    return m_new, s_new
 
 
 # Online softmax over key blocks (flash-attention style), for stages that see the KV cache one
