@@ -168,6 +168,11 @@ def _matrix(weights: dict, leaf: str, shape=None):
     return quant.QuantizedMatrix.from_stored(leaf, weights)
 
 
+def _out_dim(matrix) -> int:
+    """Output columns of a [in, out] parameter, float or quantized."""
+    return matrix.out_dim if isinstance(matrix, quant.QuantizedMatrix) else matrix.shape[1]
+
+
 def _projection(weights: dict, shape, bias_shape) -> dict:
     params = {"kernel": _matrix(weights, "w", shape)}
     if "b" in weights:
@@ -329,7 +334,7 @@ def ffn_fn(config, state, weights, ctx, index):
     """One FFN chunk by the layer's own FFN over the chunk's columns, added to the residual:
     the chunks' contributions sum to the full FFN (GPT-2's down bias comes with chunk 0)."""
     up = _matrix(weights, "up")
-    width = up.shape[1] if hasattr(up, "shape") else up.out_dim
+    width = _out_dim(up)
     params = {"up": {"kernel": up}, "down": {"kernel": _matrix(weights, "down")}}
     if "gate" in weights or quant.stored_tag("gate", weights):
         params["gate"] = {"kernel": _matrix(weights, "gate")}
@@ -354,7 +359,7 @@ def _head_logits(config, h_TD, weights):
         params = {"embed": {"embedding": weights["w"]}}
     else:
         matrix = _matrix(weights, "w")
-        rows = matrix.shape[1] if hasattr(matrix, "shape") else matrix.out_dim
+        rows = _out_dim(matrix)
         params = {"embed": {"embedding": matrix}} if config.tie_embeddings else {"head": {"kernel": matrix}}
     return _apply(Decoder(config, vocab_rows=rows), params, Decoder.logits, h_TD[None])[0]
 
