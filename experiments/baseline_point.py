@@ -51,18 +51,17 @@ def run(label: str, tree: Path, schedule: str, out: Path, extra: list[str] = (),
 def child_rev_point(overrides: list[str]) -> int:
     """`python -m stagejax.run` with `model`'s warm-up moved back after the baseline, where the
     earlier revision ran it (inside `load`, on the real weights)."""
-    from stagejax import decode, experiment, run as entry
+    from stagejax import decode, engine, run as entry
 
     warm_up = decode.MonolithicDecoder.warm_up
-    load = experiment.ScheduleRun.load
+    load = engine.ResidentDecoder.load
     decode.MonolithicDecoder.warm_up = lambda self, params: 0.0
 
     def load_then_warm_up(self):
         load(self)
-        if self.params is not None:
-            warm_up(self.decoder, self.params)
+        warm_up(self.decoder, self.params)
 
-    experiment.ScheduleRun.load = load_then_warm_up
+    engine.ResidentDecoder.load = load_then_warm_up
     sys.argv = [sys.argv[0], *overrides]
     entry.main()
     return 0

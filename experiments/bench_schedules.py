@@ -17,6 +17,13 @@ round and their median reported, with every round's figures listed. Perplexity i
 the first round only (it is deterministic).
 
     .venv/bin/python experiments/bench_schedules.py            # writes experiments/results/
+
+`--against REV` times this tree against a git worktree of revision REV instead, in one
+invocation: each round runs every schedule on both trees, alternating which goes first, and
+reports per schedule the tokens/s ratio (this tree / REV) within each round — the check that a
+refactoring slowed nothing down beyond run-to-run spread.
+
+    .venv/bin/python experiments/bench_schedules.py --against 3884b4f --rounds 3
 """
 
 from __future__ import annotations
@@ -99,11 +106,16 @@ def main():
     parser.add_argument("--ppl-chunks", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "schedules_smollm2"))
+    parser.add_argument("--against", default=None, metavar="REV",
+                        help="time this tree against a git worktree of REV (see the docstring)")
     parser.add_argument("--resummarize", action="store_true",
                         help="rewrite summary.md from the out directory's summary.json, running nothing")
     args = parser.parse_args()
     out = Path(args.out)
     policies = args.policies.split(",")
+    if args.against:
+        compare_revisions(args, policies)
+        return
     if args.resummarize:
         import json
 
@@ -136,6 +148,86 @@ def main():
     chain_s, chain_bytes = matvec_chain_seconds()
     write_summary(args, out, policies, rounds, [b[0] for b in bandwidths],
                   [b[1] for b in bandwidths], chain_s, chain_bytes)
+
+
+def compare_revisions(args, policies: list[str]) -> None:
+    """Every schedule on this tree and on a worktree of `args.against`, interleaved; writes
+    summary.md and summary.json into --out (default: results/schedules_vs_<rev>)."""
+    import json
+    import subprocess
+    import tempfile
+
+    from stagejax_device.results import atomic_write_json, atomic_write_text
+
+    rev = subprocess.run(["git", "rev-parse", "--short", args.against], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    here = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, check=True,
+                          capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                capture_output=True, text=True).stdout.strip())
+    this = here + ("+changes" if dirty else "")
+    out = Path(args.out) if args.out != str(REPO / "experiments" / "results" / "schedules_smollm2") \
+        else REPO / "experiments" / "results" / f"schedules_vs_{rev}"
+    records = []
+    with tempfile.TemporaryDirectory(prefix="stagejax-rev-") as scratch:
+        tree = Path(scratch) / rev
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=REPO, check=True,
+                       capture_output=True)
+        try:
+            for r in range(args.rounds):
+                for i, policy in enumerate(policies):
+                    order = [(this, None), (rev, tree)]
+                    if (r + i) % 2:
+                        order.reverse()
+                    for label, where in order:
+                        print(f"round {r + 1}/{args.rounds}: {policy} on {label} ...", flush=True)
+                        settings = smollm2_settings(
+                            policy, new_tokens=args.new_tokens, ppl_chunks=0,
+                            schedule=dict(ffn_chunks=args.ffn_chunks, vocab_chunk=args.vocab_chunk,
+                                          kv_block=args.kv_block, prefetch_depth=args.prefetch_depth))
+                        run_dir = Path(scratch) / "runs" / f"{policy}-{label}-round{r + 1}"
+                        metrics = run_isolated(settings, run_dir, where)
+                        if "error" in metrics:
+                            raise SystemExit(f"{policy} on {label} failed: {metrics['error']}")
+                        records.append({"round": r + 1, "schedule": policy, "tree": label,
+                                        **{k: metrics.get(k) for k in (
+                                            "decode_tokens_per_s", "prefill_tokens_per_s",
+                                            "compile_s", "decode_peak_rss_bytes",
+                                            "baseline_rss_bytes", "decode_working_set_bytes",
+                                            "planned_peak_bytes", "generated_ids")}})
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO,
+                           capture_output=True)
+    median = lambda values: float(np.median(values))
+    listed = lambda values: " / ".join(f"{v:.3f}" for v in values)
+    lines = [f"SmolLM2-135M float32, {args.new_tokens} decode steps after a ~480-token prompt, KV on "
+             f"disk, ffn_chunks {args.ffn_chunks}, vocab_chunk {args.vocab_chunk}, prefetch depth "
+             f"{args.prefetch_depth}: this tree ({this}) against {rev}, {args.rounds} rounds, each "
+             f"run a fresh process, the two trees alternating which runs first. Ratios are this "
+             f"tree's over {rev}'s within a round (median, then every round's).", "",
+             "| schedule | decode tok/s ratio | prefill tok/s ratio | compile s ratio | "
+             "decode peak RSS MB (this / rev) | same tokens |", "|---|---|---|---|---|---|"]
+    summary = {"this": this, "rev": rev, "rounds": args.rounds, "runs": records, "schedules": {}}
+    for policy in policies:
+        ratios = {}
+        for key in ("decode_tokens_per_s", "prefill_tokens_per_s", "compile_s"):
+            ratios[key] = [next(x[key] for x in records if x["round"] == r and x["schedule"] == policy
+                                and x["tree"] == this)
+                           / next(x[key] for x in records if x["round"] == r and x["schedule"] == policy
+                                  and x["tree"] == rev) for r in range(1, args.rounds + 1)]
+        rss = {label: median([x["decode_peak_rss_bytes"] / 2**20 for x in records
+                              if x["schedule"] == policy and x["tree"] == label]) for label in (this, rev)}
+        same = len({json.dumps(x["generated_ids"]) for x in records if x["schedule"] == policy}) == 1
+        summary["schedules"][policy] = {"ratios": ratios, "decode_peak_rss_mb": rss, "same_tokens": same}
+        lines.append(f"| {policy} | {median(ratios['decode_tokens_per_s']):.3f} "
+                     f"({listed(ratios['decode_tokens_per_s'])}) | "
+                     f"{median(ratios['prefill_tokens_per_s']):.3f} ({listed(ratios['prefill_tokens_per_s'])}) | "
+                     f"{median(ratios['compile_s']):.3f} ({listed(ratios['compile_s'])}) | "
+                     f"{rss[this]:.1f} / {rss[rev]:.1f} | {'yes' if same else 'NO'} |")
+    table = "\n".join(lines)
+    print(table)
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_text(out / "summary.md", table + "\n")
 
 
 def write_summary(args, out: Path, policies: list[str], rounds: list[dict], one_thread: list[float],

@@ -48,12 +48,19 @@ def smollm2_settings(policy: str = "atomic", *, schedule: dict | None = None, ca
         tracking=TrackingSettings(mode="disabled"))
 
 
-def run_isolated(settings, out_dir: str | Path) -> dict:
-    """Run one job in a fresh process; its metrics, or {"error": ...} if it failed."""
+def run_isolated(settings, out_dir: str | Path, tree: str | Path | None = None) -> dict:
+    """Run one job in a fresh process; its metrics, or {"error": ...} if it failed. `tree`:
+    another checkout of the repository (e.g. a git worktree of an earlier revision) whose
+    stagejax runs the job instead of this one's."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "settings.pkl").write_bytes(pickle.dumps(settings))
-    done = subprocess.run([sys.executable, __file__, str(out_dir)], capture_output=True, text=True)
+    runner, env = __file__, None
+    if tree is not None:
+        tree = Path(tree)
+        runner = str(tree / "experiments" / "runs.py")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), str(tree / "runtime")]))
+    done = subprocess.run([sys.executable, runner, str(out_dir)], capture_output=True, text=True, env=env)
     (out_dir / "settings.pkl").unlink(missing_ok=True)  # resolved_settings.json records them
     metrics = out_dir / "metrics.json"
     if done.returncode != 0:

@@ -4,7 +4,7 @@
     scripts/bench_rss_slope.py --tokens 2000 --out experiments/results/rss_slope_smollm2 \\
         -- schedule=atomic cache=disk paths.cache=/path/to/cache
 
-Builds the main job's decoding session (`stagejax.experiment.ScheduleRun`, the run's settings
+Builds the main job's decoding session (`stagejax.engine.ScheduleRun`, the run's settings
 from the given overrides, perplexity off), prefills the prompt and decodes `--tokens` greedy
 tokens, ignoring end-of-sequence so the count is exact, reading the anonymous resident memory
 (`RssAnon` of /proc/self/status: heap and anonymous mappings; file pages such as shared
@@ -53,7 +53,8 @@ def main() -> int:
     import numpy as np
     from hydra import compose, initialize_config_dir
 
-    from stagejax.experiment import ScheduleRun, prompt_ids
+    from stagejax.engine import ScheduleRun
+    from stagejax.experiment import prompt_ids
     from stagejax.loading import open_model, release_freed_memory, use_one_malloc_arena
     from stagejax.run import CONF_DIR, to_settings
     from stagejax.sampling import SamplingConfig
@@ -71,12 +72,11 @@ def main() -> int:
     store = WeightStore(checkpoint, verify=settings.store.verify, expect_config=handle.config)
     sampling = SamplingConfig(settings.decode.temperature, settings.decode.top_k, settings.decode.top_p)
     run = ScheduleRun(settings, handle, store, len(ids) + args.tokens + 1, len(ids), sampling)
-    run.load()
-    session = run.session()
+    run.engine.load()
+    session = run.engine
     key = jax.random.PRNGKey(settings.seed)
     token = int(session.sample(session.prefill(ids), key))
-    if run.staged is not None:
-        run.staged.release_pass_buffers(keep_tokens=1)
+    run.engine.release_pass_buffers(keep_tokens=1)
     # As the main job does before decoding: freed heap goes back to the OS, so memory a leak
     # takes later is new resident pages, not reused free ones (which RssAnon would not show).
     release_freed_memory()
@@ -86,8 +86,7 @@ def main() -> int:
         if n % args.every == 0 or n == args.tokens:
             rows.append((n, rss_anon_bytes(), time.perf_counter() - start))
     decode_s = time.perf_counter() - start
-    if run.staged is not None:
-        run.staged.close()
+    run.close()
     store.close()
 
     fit = [(n, rss) for n, rss, _ in rows if n > args.skip]

@@ -167,11 +167,17 @@ def check_context(prompt_len: int, max_new_tokens: int, max_seq_len: int):
 def decoder_for(config: ModelConfig, params_spec, prompt_len: int, max_new_tokens: int,
                 sampling: SamplingConfig = SamplingConfig(), kv_dtype: str = "float32") -> MonolithicDecoder:
     """A decoder sized for this prompt and generation length (shapes bucketed)."""
+    prefill_len, cache_len = decoder_shape(config, prompt_len, max_new_tokens)
+    return MonolithicDecoder(config, params_spec, cache_len, prefill_len, sampling, kv_dtype=kv_dtype)
+
+
+def decoder_shape(config: ModelConfig, prompt_len: int, max_new_tokens: int) -> tuple[int, int]:
+    """(prefill length, cache length) of the decoder for this prompt and generation length."""
     check_context(prompt_len, max_new_tokens, config.max_seq_len)
     prefill_len = prefill_bucket(prompt_len, config.max_seq_len)
     cache_len = min(round_up(max(prefill_len, prompt_len + max_new_tokens), CACHE_LEN_MULTIPLE),
                     config.max_seq_len)
-    return MonolithicDecoder(config, params_spec, cache_len, prefill_len, sampling, kv_dtype=kv_dtype)
+    return prefill_len, cache_len
 
 
 class MonolithicSession:

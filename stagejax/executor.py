@@ -28,10 +28,11 @@ from stagejax.kv_cache import (HostKVCache, KVLayout, aligned_empty, resident_ca
                                stored_kv_group)
 from stagejax.model_config import ModelConfig
 from stagejax.sampling import SamplingConfig, sample_token
-from stagejax.scheduler import (Group, GroupPlan, group_stages, kv_flush_points, plan_groups,
-                                resident_state_bytes, streams_weights, xla_scratch_bytes)
-from stagejax.stages import (STAGE_FNS, ChunkLayout, Stage, attention_block_step, attn_layer_fn, build_stages,
-                             init_state, kv_groups_of, scored_nll, stage_index_value)
+from stagejax.scheduler import (Group, GroupPlan, MemoryModel, group_stages, kv_flush_points,
+                                streams_weights, xla_scratch_bytes)
+from stagejax.stage_kinds import KINDS, attention_block_step, kv_groups_of
+from stagejax.stages import (ChunkLayout, Stage, build_stages, init_state, scored_nll,
+                             stage_index_value)
 from stagejax.models import ops
 
 
@@ -148,7 +149,7 @@ class StagedDecoder:
                       for g in groups]
         self.groups: list[Group] = list(groups) if groups is not None else group_stages(
             self.stages, policy, config)
-        if any(g.kind == "fused" and g.stages[0].kind == "embed" for g in self.groups):
+        if any(g.kind == "fused" and any(KINDS[s.kind].on_demand for s in g.stages) for g in self.groups):
             raise ValueError("the embed stage must be a group of its own")
         if kv_layout.directory is None and scratch_dir is not None:
             kv_layout = dataclasses.replace(kv_layout, directory=scratch_dir)
@@ -254,13 +255,13 @@ class StagedDecoder:
                                       np.dtype(arrays[f"embed/0/{leaf}"].dtype))
                                  for leaf in self._embed_leaves)
             names = self._embed_leaves
-            if self.config.family == "gpt2":
+            if self.config.traits.learned_positions:
                 weight_specs += (Host((tokens, self.config.d_model), jnp.float32),)
                 names += ("pos_rows",)
             signature = ("embed", tokens, scoring, names,
                          tuple((w.shape, str(w.dtype)) for w in weight_specs))
             leaves = (names,)
-            kinds = ("embed",)
+            kinds = (group.stages[0].kind,)
         elif group.kind == "attn_blocks":
             n_heads = len(group.stages)
             n_groups = kv_groups_of(self.config, n_heads)
@@ -279,12 +280,13 @@ class StagedDecoder:
         kv_slots = {layer: slot for slot, layer in enumerate(group.kv_layers)}
         stage_slots = [kv_slots.get(s.layer) for s in group.stages]
 
-        # A run of a layer's every attention head (attention stages of a layer are consecutive)
-        # is computed as one batched attention over the layer's past.
+        # A run of a layer's every head of a `reads_kv` kind (its stages of a layer are
+        # consecutive) is computed as one batched call over the layer's past (`layer_fn`).
         n_heads = config.n_heads
         whole_layer = {j for j in range(len(kinds) - n_heads + 1)
-                       if kinds[j:j + n_heads] == ("attn",) * n_heads
-                       and (j == 0 or kinds[j - 1] != "attn")}
+                       if KINDS[kinds[j]].layer_fn is not None
+                       and kinds[j:j + n_heads] == (kinds[j],) * n_heads
+                       and (j == 0 or kinds[j - 1] != kinds[j])}
 
         def run(mut, const, weights, ctx, index, past):
             state = {**const, **mut}
@@ -297,22 +299,22 @@ class StagedDecoder:
                 if j in whole_layer:
                     past_k, past_v = stored_kv(past[stage_slots[j]], order, kv_dtype, 0,
                                                config.n_kv_heads)
-                    state = attn_layer_fn(config, state, {"past_k": past_k, "past_v": past_v,
-                                                          "kv_dtype": kv_dtype}, ctx, index[j])
+                    state = KINDS[kind].layer_fn(config, state, {"past_k": past_k, "past_v": past_v,
+                                                                 "kv_dtype": kv_dtype}, ctx, index[j])
                     skip = n_heads - 1
                     continue
-                if kind == "attn":
+                if KINDS[kind].reads_kv:
                     past_k, past_v = stored_kv_group(past[stage_slots[j]], order, kv_dtype,
                                                      index[j] // config.queries_per_kv_head)
                     w = {"past_k": past_k, "past_v": past_v, "kv_dtype": kv_dtype}
                 else:
                     w = dict(zip(names, weights[position:position + len(names)]))
                     position += len(names)
-                state = STAGE_FNS[kind](config, state, w, ctx, index[j])
+                state = KINDS[kind].fn(config, state, w, ctx, index[j])
             return {e: state[e] for e in written}
 
         past_spec = tuple(self._host_specs(None, self.cache.capacity) for _ in group.kv_layers)
-        options = ATTENTION_COMPILER_OPTIONS if "attn" in kinds else None
+        options = ATTENTION_COMPILER_OPTIONS if any(KINDS[k].reads_kv for k in kinds) else None
         return self._keep(signature, run, (
             {e: state_spec[e] for e in written}, {e: state_spec[e] for e in read_only},
             weight_specs, self._ctx_spec(tokens, scoring),
@@ -433,20 +435,20 @@ class StagedDecoder:
 
     def plan(self, tokens: int = 1, scoring: bool = False) -> list[GroupPlan]:
         """Per group, the memory of a pass of `tokens` tokens (a perplexity pass if `scoring`)."""
-        return plan_groups(self.groups, self.config, self.store.nbytes, tokens, self.prefetch_depth,
-                           lambda n_groups: self.cache.block_bytes(n_groups, self.kv_block),
-                           self.cache.layer_bytes(),
-                           getattr(self.prefetcher, "slab_bytes", 0),
-                           lambda keys: largest_dequantized_bytes(keys, self.store.manifest.arrays),
-                           kv_buffer_persists=self.kv_layout.location == "disk",
-                           scratch_bytes_of=lambda group: xla_scratch_bytes(
-                               group, self.config, tokens, self.kv_block, self.cache.capacity,
-                               scoring, self.layout),
-                           resident_kv_bytes=resident_cache_bytes(self.config, self.kv_layout,
-                                                                  self.rows_writable),
-                           scoring=scoring,
-                           resident_state=0 if self.activation_store is not None
-                           else resident_state_bytes(self.config, tokens, scoring))
+        return self.memory.plan(self.groups, tokens, scoring, getattr(self.prefetcher, "slab_bytes", 0))
+
+    @property
+    def memory(self) -> MemoryModel:
+        """This decoder's memory accounting (`scheduler.MemoryModel`)."""
+        return MemoryModel(
+            self.config, self.store.nbytes,
+            lambda n_groups: self.cache.block_bytes(n_groups, self.kv_block), self.cache.layer_bytes(),
+            self.prefetch_depth, lambda keys: largest_dequantized_bytes(keys, self.store.manifest.arrays),
+            kv_buffer_persists=self.kv_layout.location == "disk",
+            resident_kv_bytes=resident_cache_bytes(self.config, self.kv_layout, self.rows_writable),
+            scratch_bytes_of=lambda group, tokens, scoring: xla_scratch_bytes(
+                group, self.config, tokens, self.kv_block, self.cache.capacity, scoring, self.layout),
+            activations_in_ram=self.activation_store is None)
 
     # ---- running ---------------------------------------------------------------------------
 
@@ -470,7 +472,7 @@ class StagedDecoder:
             buffers = tuple(aligned_empty((tokens,) + tuple(arrays[f"embed/0/{leaf}"].shape[1:]),
                                           arrays[f"embed/0/{leaf}"].dtype)
                             for leaf in self._embed_leaves)
-            if self.config.family == "gpt2":
+            if self.config.traits.learned_positions:
                 buffers += (aligned_empty((tokens, self.config.d_model)),)
             self._embed_rows[tokens] = buffers
         return self._embed_rows[tokens]
@@ -484,7 +486,7 @@ class StagedDecoder:
                 row = self.store.read_rows(f"embed/{c}/{leaf}", [int(token) - bounds[c]])
                 buffer[t] = row[0]
                 self._release_rows(row)
-        if self.config.family == "gpt2":
+        if self.config.traits.learned_positions:
             positions = np.minimum(np.arange(start, start + len(token_ids)), self.config.max_seq_len - 1)
             pos_rows = self.store.read_rows("pos_embed/w", positions.tolist())
             buffers[-1][:] = pos_rows
@@ -624,7 +626,19 @@ class StagedDecoder:
                                      scoring, self.layout) >= TRIM_AFTER_SCRATCH_BYTES)
         return self._trim_after[key]
 
-    # ---- decoding API (the same protocol as MonolithicSession) -----------------------------
+    # ---- the engine protocol (stagejax.engine) -----------------------------------------------
+
+    def load(self) -> None:
+        """Nothing: a streamed plan reads its weights group by group as it runs."""
+
+    def io_counters(self) -> tuple[int, float]:
+        """(bytes read from storage so far: weights + KV blocks + activations read back with
+        schedule.activations=disk, seconds spent waiting for weights and KV)."""
+        spilled = self.activation_store
+        return (self.store.bytes_read + self.cache.bytes_read
+                + (spilled.bytes_read if spilled is not None else 0),
+                self.store.io_wait_s + self.kv_wait_s)
+
 
     def prefill(self, prompt_ids: Sequence[int]) -> jax.Array:
         """Run the prompt in passes of `prefill_block` tokens; returns the last token's logits."""

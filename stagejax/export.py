@@ -40,7 +40,7 @@ import numpy as np
 from stagejax.models import ops
 from stagejax.devices import device_from_settings
 from stagejax.executor import Program, StagedDecoder
-from stagejax.experiment import plan_context
+from stagejax.engine import plan_context
 from stagejax.kv_cache import KVLayout
 from stagejax.loading import open_model
 from stagejax.planner import make_plan

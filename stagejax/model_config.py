@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-Family = Literal["llama", "gpt2"]
+Family = Literal["llama", "gpt2"]  # stagejax.models.family lists them and what sets them apart
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +33,6 @@ class ModelConfig:
     eos_token_id: int | None = None
 
     def __post_init__(self):
-        if self.family not in ("llama", "gpt2"):
-            raise ValueError(f"ModelConfig.family must be 'llama' or 'gpt2', got {self.family!r}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                      "ffn_dim", "max_seq_len"):
             if getattr(self, name) <= 0:
@@ -42,15 +40,18 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of "
                              f"n_kv_heads ({self.n_kv_heads})")
-        if self.family == "gpt2":
-            if self.n_kv_heads != self.n_heads:
-                raise ValueError("GPT-2 has no grouped-query attention: n_kv_heads must equal n_heads")
-            if self.n_heads * self.head_dim != self.d_model:
-                raise ValueError("GPT-2 needs n_heads * head_dim == d_model")
-            if not self.tie_embeddings:
-                raise ValueError("GPT-2 ties its LM head to the token embedding")
-        if self.family == "llama" and self.head_dim % 2:
-            raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        self.traits.check(self)
+
+    @property
+    def traits(self):
+        """The family's switches (`stagejax.models.family.Family`): norm, biases, positions, FFN."""
+        # Imported here: the models package imports this module.
+        from stagejax.models.family import get_family
+
+        try:
+            return get_family(self.family)
+        except ValueError as error:
+            raise ValueError(f"ModelConfig.family: {error}") from None
 
     @property
     def queries_per_kv_head(self) -> int:

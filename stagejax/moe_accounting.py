@@ -37,7 +37,8 @@ import dataclasses
 import numpy as np
 
 from stagejax.model_config import ModelConfig
-from stagejax.roofline import SOFTMAX_FLOPS_PER_SCORE, Cost, Device, model_step_cost
+from stagejax.op_cost import SOFTMAX_FLOPS_PER_SCORE, Cost
+from stagejax.roofline import Device, model_step_cost
 
 ACCOUNTINGS = ("paper", "full")
 # Qwen2.5's tokenizer (its public config: vocab_size 151936): the full accounting's default

@@ -1,7 +1,7 @@
 """Plans: grouping stages under a RAM budget, with predicted time and peak per group (design §5).
 
 A `Plan` is the ordered groups with, per group, its stage ids, the memory it holds (weights,
-activations, KV, prefetch slabs — the budget accounting of `stagejax.scheduler.plan_groups`),
+activations, KV, prefetch slabs — the budget accounting of `stagejax.scheduler.MemoryModel`),
 its FLOPs and its predicted time (`stagejax.roofline`). It is validated before any compute: an
 infeasible budget raises `InfeasibleBudget`, naming the stage that cannot fit and the smallest
 budget that would work (and what finer chunks would need).
@@ -44,9 +44,10 @@ from typing import Callable, Sequence
 
 from stagejax import roofline
 from stagejax.model_config import ModelConfig
-from stagejax.scheduler import (FIXED_POLICIES, Group, GroupPlan, activation_bytes,
-                                group_stages, kv_read_bytes, lingering_scratch, plan_groups,
-                                resident_state_bytes, streams_weights, xla_scratch_bytes)
+from stagejax.scheduler import (FIXED_POLICIES, Group, GroupPlan, MemoryModel, group_stages,
+                                kv_read_bytes, lingering_scratch, streams_weights,
+                                xla_scratch_bytes)
+from stagejax.stage_kinds import KINDS
 from stagejax.stages import ChunkLayout, Stage
 
 BUDGET_POLICIES = ("budget", "similar_size", "optimal")
@@ -157,13 +158,16 @@ class PlanContext:
     warm: bool = True
     tokens: int = 1
     dequant_bytes_of: Callable[[Sequence[str]], int] | None = None  # quantized checkpoints
-    # A disk cache's read buffer stays resident between groups (`plan_groups`): the largest KV
+    # A disk cache's read buffer stays resident between groups (`MemoryModel`): the largest KV
     # read of the plan, charged to every group. Budget policies find it by re-planning.
     kv_resident_bytes: int = 0
     # In passes of many tokens each group also holds its predecessor's XLA temporaries
     # (`scheduler.lingering_scratch`); budget policies charge every group the plan's largest,
     # found by re-planning as the disk cache's read buffer is.
     lingering_scratch_bytes: int = 0
+    # When charging the largest leaves nothing feasible: every group's own temporaries in
+    # passes of many tokens are held to this cap, and the cap is what each group is charged.
+    scratch_cap_bytes: int | None = None
     # A cache in RAM: every layer's rows up to the context, resident through every group.
     kv_ram_bytes: int = 0
     scoring: bool = False  # the pass planned is a perplexity pass (tokens > 1)
@@ -174,52 +178,53 @@ class PlanContext:
 
     def __post_init__(self):
         self._time_cache: dict[tuple, tuple[float, float, float]] = {}
+        self.memory = MemoryModel(
+            self.config, self.stored_bytes, self.kv_block_bytes, self.kv_layer_bytes,
+            self.prefetch_depth, self.dequant_bytes_of, kv_buffer_persists=self.kv_on_disk,
+            resident_kv_bytes=self.kv_ram_bytes,
+            scratch_bytes_of=lambda group, tokens, scoring: xla_scratch_bytes(
+                group, self.config, tokens, self.kv_block, self.past_rows, scoring, self.layout),
+            activations_in_ram=self.activations_in_ram)
 
     # ---- per group --------------------------------------------------------------------------
 
-    def resident_state(self, tokens: int, scoring: bool) -> int:
-        return resident_state_bytes(self.config, tokens, scoring) if self.activations_in_ram else 0
+    def _passes(self) -> tuple[tuple[int, bool], ...]:
+        return ((self.tokens, self.scoring),) + self.other_passes
 
-    def fixed_bytes(self, group: Group, tokens: int | None = None, scoring: bool | None = None) -> int:
-        """Activation + KV bytes a group holds (everything but weights and slabs) in a pass of
-        `tokens` tokens (default: the pass planned)."""
-        tokens = self.tokens if tokens is None else tokens
-        scoring = self.scoring if scoring is None else scoring
-        kv = kv_read_bytes(group, self.config, self.kv_block_bytes, self.kv_layer_bytes)
-        if self.kv_on_disk:
-            kv = max(kv, self.kv_resident_bytes)
-        kv += self.kv_ram_bytes
-        return (activation_bytes(group, self.config, tokens, scoring, self.resident_state(tokens, scoring))
-                + kv + (self.dequant_bytes_of(group.weight_keys) if self.dequant_bytes_of else 0)
-                + self.scratch_bytes(group, tokens, scoring)
-                + (self.lingering_scratch_bytes if lingering_scratch(tokens) else 0))
+    def _row(self, group: Group, tokens: int, scoring: bool, slab: int) -> GroupPlan:
+        """The group's accounting (`MemoryModel.row`) with slabs of `slab` bytes, charged the
+        plan-wide KV read buffer and lingering temporaries found so far."""
+        return self.memory.row(group, tokens, scoring, ahead=self.prefetch_depth * slab,
+                               buffer=slab if streams_weights(group) else 0,
+                               kv_buffer=self.kv_resident_bytes,
+                               lingering=self.lingering_scratch_bytes)
+
+    def peak(self, group: Group, slab: int) -> int:
+        """The group's peak with slabs of `slab` bytes (it and `prefetch_depth` units ahead), in
+        the most demanding of the passes planned for (this one and `other_passes`)."""
+        return max(self._row(group, tokens, scoring, slab).peak_bytes
+                   for tokens, scoring in self._passes())
+
+    def bytes_besides_slabs(self, group: Group) -> int:
+        """The group's peak without any slab (a streamed group's weights, units read ahead)."""
+        worst = 0
+        for tokens, scoring in self._passes():
+            row = self._row(group, tokens, scoring, 0)
+            own = max(row.weight_bytes, row.buffer_bytes) if streams_weights(group) else 0
+            worst = max(worst, row.peak_bytes - own)
+        return worst
 
     def scratch_bytes(self, group: Group, tokens: int | None = None, scoring: bool | None = None) -> int:
         """XLA's temporaries of the group's own executable in a pass of `tokens` tokens
         (default: the pass planned)."""
         tokens = self.tokens if tokens is None else tokens
         scoring = self.scoring if scoring is None else scoring
-        return xla_scratch_bytes(group, self.config, tokens, self.kv_block, self.past_rows,
-                                 scoring, self.layout)
+        return self.memory.scratch_bytes(group, tokens, scoring)
 
     def largest_lingering_scratch(self, groups: Sequence[Group]) -> int:
         """The largest temporaries any group leaves to its successor in a pass of many tokens."""
-        return max((self.scratch_bytes(g, tokens, scoring) for tokens, scoring
-                    in ((self.tokens, self.scoring),) + self.other_passes if lingering_scratch(tokens)
-                    for g in groups), default=0)
-
-    def peak(self, group: Group, slab: int) -> int:
-        """The group's budget accounting with slabs of `slab` bytes (as `plan_groups`), in the
-        most demanding of the passes planned for (this one and `other_passes`)."""
-        ahead = self.prefetch_depth * slab
-        peaks = []
-        for tokens, scoring in ((self.tokens, self.scoring),) + self.other_passes:
-            if group.kind == "embed":
-                own = tokens * self.config.d_model * 4 * (2 if self.config.family == "gpt2" else 1)
-            else:
-                own = slab if streams_weights(group) else 0
-            peaks.append(own + self.fixed_bytes(group, tokens, scoring) + ahead)
-        return max(peaks)
+        return max((self.scratch_bytes(g, tokens, scoring) for tokens, scoring in self._passes()
+                    if lingering_scratch(tokens) for g in groups), default=0)
 
     def for_pass(self, tokens: int, scoring: bool) -> "PlanContext":
         """This context planning one pass of `tokens` tokens and nothing else."""
@@ -287,7 +292,7 @@ def segments(stages: Sequence[Stage]) -> list[list[Stage]]:
     out: list[list[Stage]] = []
     key = object()
     for stage in stages:
-        k = ("embed",) if stage.kind == "embed" else (stage.layer,)
+        k = (stage.kind,) if KINDS[stage.kind].on_demand else (stage.layer,)
         if not out or k != key:
             out.append([])
             key = k
@@ -296,12 +301,13 @@ def segments(stages: Sequence[Stage]) -> list[list[Stage]]:
 
 
 def valid_group(stages: Sequence[Stage], config: ModelConfig) -> bool:
-    """Whether the executor can run these consecutive stages as one unit: embed alone; an
-    attention-only group is one head or whole kv groups of heads."""
-    kinds = {s.kind for s in stages}
-    if "embed" in kinds:
+    """Whether the executor can run these consecutive stages as one unit: an `on_demand` stage
+    (embed) alone; a group of `reads_kv` stages only (attention) is one head or whole kv groups
+    of heads (`stage_kinds.StageKind`)."""
+    kinds = [KINDS[s.kind] for s in stages]
+    if any(k.on_demand for k in kinds):
         return len(stages) == 1
-    if kinds == {"attn"}:
+    if all(k.reads_kv for k in kinds):
         g = config.queries_per_kv_head
         return len(stages) == 1 or (len(stages) % g == 0 and stages[0].index % g == 0)
     return True
@@ -342,7 +348,7 @@ def _slab_cap(stages: Sequence[Stage], ctx: PlanContext, budget: int) -> int:
     cap = None
     for stage in stages:
         group = Group((stage,))
-        rest = ctx.peak(group, 0)  # everything but slabs
+        rest = ctx.bytes_besides_slabs(group)
         slabs = ctx.prefetch_depth + (1 if streams_weights(group) else 0)
         if slabs:
             limit = (budget - rest) // slabs
@@ -351,7 +357,29 @@ def _slab_cap(stages: Sequence[Stage], ctx: PlanContext, budget: int) -> int:
 
 
 def _fits(group: Group, ctx: PlanContext, budget: int, slab: int) -> bool:
+    if ctx.scratch_cap_bytes is not None and ctx.largest_lingering_scratch([group]) > ctx.scratch_cap_bytes:
+        return False
     return ctx.unit_bytes(group) <= slab and ctx.peak(group, slab) <= budget
+
+
+def _groups_under_a_scratch_cap(policy: str, stages, segs, ctx: PlanContext,
+                                budget_bytes: int) -> list[Group]:
+    """A grouping whose every group keeps its temporaries (in passes of many tokens) under a
+    cap that every group is charged as its predecessor's: the largest cap that fits, from the
+    lingering charge that did not fit down to what single stages need (raises InfeasibleBudget)."""
+    floor = ctx.largest_lingering_scratch([Group((s,)) for s in stages])
+    cap = ctx.lingering_scratch_bytes / 1.5
+    caps = []
+    while cap > floor and len(caps) < 12:
+        caps.append(int(cap))
+        cap /= 1.5
+    for cap in caps + [floor]:
+        capped = dataclasses.replace(ctx, scratch_cap_bytes=cap, lingering_scratch_bytes=cap)
+        try:
+            return _budget_policy_groups(policy, stages, segs, capped, budget_bytes)
+        except InfeasibleBudget:
+            continue
+    raise _infeasible(stages, dataclasses.replace(ctx, lingering_scratch_bytes=floor), budget_bytes)
 
 
 def _budget_groups(segs, ctx, budget, slab) -> list[Group]:
@@ -376,7 +404,7 @@ def _similar_size_groups(segs, ctx, budget, slab) -> list[Group]:
     groups: list[Group] = []
     for seg in segs:
         k = len(_budget_groups([seg], ctx, budget, slab))
-        weights = [ctx.stored_bytes(s.weight_keys) if s.weight_keys and s.kind != "embed" else 0
+        weights = [ctx.stored_bytes(s.weight_keys) if s.weight_keys and not KINDS[s.kind].on_demand else 0
                    for s in seg]
         target = sum(weights) / k
         current: list[Stage] = []
@@ -470,7 +498,14 @@ def make_plan(stages: Sequence[Stage], policy: str, ctx: PlanContext,
         # which depend on the grouping: plan, charge them, and plan again until the charges
         # cover the plan's own (they only grow; a few rounds).
         for _ in range(8):
-            groups = _budget_policy_groups(policy, stages, segs, ctx, budget_bytes)
+            try:
+                groups = _budget_policy_groups(policy, stages, segs, ctx, budget_bytes)
+            except InfeasibleBudget:
+                # Charging the largest group's temporaries to every group left nothing that
+                # fits: larger groups hold larger temporaries, so cap them.
+                if not ctx.lingering_scratch_bytes:
+                    raise
+                groups = _groups_under_a_scratch_cap(policy, stages, segs, ctx, budget_bytes)
             largest_read = max(kv_read_bytes(g, ctx.config, ctx.kv_block_bytes, ctx.kv_layer_bytes)
                                for g in groups) if ctx.kv_on_disk else 0
             lingering = ctx.largest_lingering_scratch(groups)
@@ -542,15 +577,10 @@ def _prefill_block_hint(policy: str, groups, ctx: PlanContext, name: str, tokens
 
 def account(policy: str, groups: Sequence[Group], ctx: PlanContext,
             budget_bytes: int | None = None) -> Plan:
-    """The plan of a given grouping: memory rows exactly as the executor's `plan_groups`
+    """The plan of a given grouping: memory rows exactly as the executor's (`MemoryModel.plan`)
     (slab = the largest unit), FLOPs and predicted times from the roofline."""
     slab = max((ctx.unit_bytes(g) for g in groups), default=0)
-    memory: list[GroupPlan] = plan_groups(groups, ctx.config, ctx.stored_bytes, ctx.tokens,
-                                          ctx.prefetch_depth, ctx.kv_block_bytes, ctx.kv_layer_bytes,
-                                          slab, ctx.dequant_bytes_of, kv_buffer_persists=ctx.kv_on_disk,
-                                          scratch_bytes_of=ctx.scratch_bytes,
-                                          resident_kv_bytes=ctx.kv_ram_bytes, scoring=ctx.scoring,
-                                          resident_state=ctx.resident_state(ctx.tokens, ctx.scoring))
+    memory = ctx.memory.plan(groups, ctx.tokens, ctx.scoring, slab)
     rows, costs = [], []
     for group, mem in zip(groups, memory):
         objective, compute, load = ctx.time(group)

@@ -34,21 +34,14 @@ in `stagejax.models.ops`):
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable, Mapping, Sequence
 
 from stagejax.model_config import ModelConfig
+from stagejax.models.family import get_family
+from stagejax.op_cost import Bits, Cost
 from stagejax.scheduler import Group, streams_weights
-from stagejax.stages import KINDS, ChunkLayout, Stage
-
-# Elementwise FLOPs per element (why each number: the operations ops.py performs).
-RMSNORM_FLOPS = 4  # square, sum, scale by 1/rms, scale by the weight
-LAYERNORM_FLOPS = 7  # mean, subtract, square, sum, normalise, scale, shift
-ROPE_FLOPS = 3  # x1 cos - x2 sin (and its mirror): two multiplies and one add per element
-SWIGLU_ACT_FLOPS = 5  # silu(g) = g / (1 + exp(-g)): negate, exp, add, divide; times up
-GELU_TANH_FLOPS = 8  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): cube, fma, tanh, add, muls
-SOFTMAX_FLOPS_PER_SCORE = 5  # scale, running max, exp, sum, rescale of the online softmax
-LOGSUMEXP_FLOPS = 4  # scoring mode: max, subtract, exp, sum per logit
+from stagejax.stage_kinds import KINDS, OpShape
+from stagejax.stages import ChunkLayout, Stage
 
 DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16, "int8": 8, "int4": 4}
 
@@ -140,129 +133,15 @@ class Device:
 # ---- costs ------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Cost:
-    """FLOPs and bytes of a stage, group or step. `+` adds field by field.
-
-    `weight_params` counts the weights read (parameters, not bytes) and `kv_write_bytes` the
-    new cache rows written; both are additions to the roofline's fields.
-    """
-
-    flops: float = 0.0
-    weight_bytes: float = 0.0
-    kv_bytes: float = 0.0
-    act_read_bytes: float = 0.0
-    act_write_bytes: float = 0.0
-    n_calls: int = 0
-    kv_write_bytes: float = 0.0
-    weight_params: float = 0.0
-
-    def __add__(self, other: "Cost") -> "Cost":
-        if not isinstance(other, Cost):
-            return NotImplemented
-        return Cost(**{f.name: getattr(self, f.name) + getattr(other, f.name)
-                       for f in dataclasses.fields(Cost)})
-
-    def __radd__(self, other):  # sum(costs) starts from 0
-        if other == 0:
-            return self
-        return NotImplemented
-
-    def replace(self, **changes) -> "Cost":
-        return dataclasses.replace(self, **changes)
-
-    @property
-    def bytes_moved(self) -> float:
-        """Every byte read or written: weights, KV read and written, activations."""
-        return (self.weight_bytes + self.kv_bytes + self.kv_write_bytes + self.act_read_bytes
-                + self.act_write_bytes)
-
-    @property
-    def intensity(self) -> float:
-        """Arithmetic intensity, FLOPs per byte moved."""
-        return self.flops / self.bytes_moved if self.bytes_moved else math.inf
-
-
-@dataclasses.dataclass(frozen=True)
-class _Bits:
-    weight: float
-    vector: float
-    kv: float
-    act: float
-
-    def __post_init__(self):
-        for name in ("weight", "vector", "kv", "act"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}_bits must be positive, got {getattr(self, name)}")
-
-
-def _op_cost(kind: str, config: ModelConfig, bits: _Bits, *, tokens: int, kv_len: int,
-             units: int = 1, kv_groups: int = 1, width: int = 0, with_down_bias: bool = True,
-             scoring: bool = False, elementwise: bool = True) -> tuple[Cost, dict[str, float]]:
-    """Cost of one op over `units` heads (q, attn) / kv groups (k, v) or `width` FFN columns
-    (ffn) / vocabulary rows (head), and the activation entries it reads {entry: bytes}.
-
-    Activation reads are returned separately so a fused group can count each entry once.
-    """
-    t, s, d, h = tokens, kv_len, config.d_model, config.head_dim
-    gpt2 = config.family == "gpt2"
-    ew = 1.0 if elementwise else 0.0
-    wb, vb, kvb, ab = bits.weight / 8, bits.vector / 8, bits.kv / 8, bits.act / 8
-    norm_flops = LAYERNORM_FLOPS if gpt2 else RMSNORM_FLOPS
-
-    if kind == "embed":
-        rows = t * (2 if gpt2 else 1)  # GPT-2 adds its position row
-        params = rows * d
-        return Cost(flops=ew * (t * d if gpt2 else 0), weight_bytes=params * wb,
-                    act_write_bytes=t * d * ab, weight_params=params), {}
-    if kind in ("attn_norm", "ffn_norm", "final_norm"):
-        params = d * (2 if gpt2 else 1)
-        return Cost(flops=ew * norm_flops * t * d, weight_bytes=params * vb,
-                    act_write_bytes=t * d * ab, weight_params=params), {"x": t * d * ab}
-    if kind in ("q", "k", "v"):
-        matrix, bias = units * d * h, (units * h if gpt2 else 0)
-        flops = 2 * t * matrix + ew * t * bias
-        if kind in ("q", "k") and not gpt2:
-            flops += ew * ROPE_FLOPS * t * units * h
-        kv_write = t * units * h * kvb if kind in ("k", "v") else 0.0
-        return Cost(flops=flops, weight_bytes=matrix * wb + bias * vb, kv_write_bytes=kv_write,
-                    act_write_bytes=t * units * h * ab, weight_params=matrix + bias), {"h": t * d * ab}
-    if kind == "attn":
-        attended = t * s + t * (t + 1) / 2  # keys per head: the past, plus this pass causally
-        flops = units * attended * (4 * h + ew * SOFTMAX_FLOPS_PER_SCORE)
-        reads = {"q": t * units * h * ab, "k_new": t * kv_groups * h * ab,
-                 "v_new": t * kv_groups * h * ab}
-        return Cost(flops=flops, kv_bytes=2 * s * kv_groups * h * kvb,
-                    act_write_bytes=t * units * h * ab), reads
-    if kind == "o":
-        n_h = config.n_heads * h
-        matrix, bias = n_h * d, (d if gpt2 else 0)
-        flops = 2 * t * matrix + ew * t * (d + bias)  # + residual add (+ bias)
-        return Cost(flops=flops, weight_bytes=matrix * wb + bias * vb, act_write_bytes=t * d * ab,
-                    weight_params=matrix + bias), {"attn": t * n_h * ab, "x": t * d * ab}
-    if kind == "ffn":
-        f = width
-        if gpt2:  # up (+ its bias), GELU, down (+ its bias in chunk 0 only)
-            down_bias = d if with_down_bias else 0
-            matrix, bias = 2 * d * f, f + down_bias
-            flops = 2 * t * matrix + ew * t * (f + GELU_TANH_FLOPS * f + d + down_bias)
-        else:  # gate, up, silu(gate) * up, down
-            matrix, bias = 3 * d * f, 0
-            flops = 2 * t * matrix + ew * t * (SWIGLU_ACT_FLOPS * f + d)
-        return Cost(flops=flops, weight_bytes=matrix * wb + bias * vb, act_write_bytes=t * d * ab,
-                    weight_params=matrix + bias), {"h": t * d * ab, "x": t * d * ab}
-    if kind == "head":
-        rows = t if scoring else 1  # generation: the last real token's logits only
-        matrix = width * d
-        flops = 2 * rows * matrix + ew * (LOGSUMEXP_FLOPS * rows * width if scoring else 0)
-        written = 3 * t * 4 if scoring else width * ab  # (m, s, target) float32 per token, or logits
-        return Cost(flops=flops, weight_bytes=matrix * wb, act_write_bytes=written,
-                    weight_params=matrix), {"h": rows * d * ab}
-    raise ValueError(f"unknown stage kind {kind!r}; known kinds: {', '.join(KINDS)}")
+def _op_cost(kind: str, config: ModelConfig, bits: Bits, **shape) -> tuple[Cost, dict[str, float]]:
+    """A kind's declared cost (`stage_kinds.KINDS`) over an `OpShape`."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown stage kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    return KINDS[kind].cost(config, bits, OpShape(**shape))
 
 
 def _chunk_width(stage: Stage, layout: ChunkLayout) -> int:
-    bounds = layout.ffn_bounds if stage.kind == "ffn" else layout.vocab_bounds
+    bounds = layout.ffn_bounds if KINDS[stage.kind].chunks == "ffn" else layout.vocab_bounds
     if stage.index + 1 >= len(bounds):
         raise ValueError(f"stage {stage.id} is chunk {stage.index}, but the layout has only "
                          f"{len(bounds) - 1} {stage.kind} chunks: pass the ChunkLayout the "
@@ -271,22 +150,24 @@ def _chunk_width(stage: Stage, layout: ChunkLayout) -> int:
 
 
 def _stored_embed_params(config: ModelConfig) -> int:
-    return config.d_model * (config.vocab_size + (config.max_seq_len if config.family == "gpt2" else 0))
+    return config.d_model * (config.vocab_size
+                             + (config.max_seq_len if config.traits.learned_positions else 0))
 
 
 WeightBytes = int | float | Callable[[tuple[str, ...]], float] | None
 
 
-def _stage_cost_and_reads(stage: Stage, config: ModelConfig, bits: _Bits, *, tokens: int,
+def _stage_cost_and_reads(stage: Stage, config: ModelConfig, bits: Bits, *, tokens: int,
                           kv_len: int, layout: ChunkLayout, weight_bytes: WeightBytes,
                           scoring: bool, elementwise: bool) -> tuple[Cost, dict[str, float]]:
-    width = _chunk_width(stage, layout) if stage.kind in ("ffn", "head") else 0
+    kind = KINDS[stage.kind]
+    width = _chunk_width(stage, layout) if kind.chunks else 0
     cost, reads = _op_cost(stage.kind, config, bits, tokens=tokens, kv_len=kv_len, width=width,
-                           with_down_bias=stage.index == 0, scoring=scoring,
+                           first_chunk=stage.index == 0, scoring=scoring,
                            elementwise=elementwise)
     if weight_bytes is not None:
         stored = weight_bytes(stage.weight_keys) if callable(weight_bytes) else weight_bytes
-        if stage.kind == "embed":  # the stored table; this pass reads its rows only
+        if kind.on_demand:  # the stored table; this pass reads its rows only
             stored = stored * cost.weight_params / _stored_embed_params(config)
         cost = cost.replace(weight_bytes=float(stored))
     return cost.replace(n_calls=1), reads
@@ -311,11 +192,11 @@ def stage_cost(stage: Stage, config: ModelConfig, *, tokens: int = 1, kv_len: in
     """
     _check_pass(tokens, kv_len)
     layout = layout or ChunkLayout.create(config)
-    bits = _Bits(weight_bits, vector_bits, kv_bits, act_bits)
+    bits = Bits(weight_bits, vector_bits, kv_bits, act_bits)
     cost, reads = _stage_cost_and_reads(stage, config, bits, tokens=tokens, kv_len=kv_len,
                                         layout=layout, weight_bytes=weight_bytes, scoring=scoring,
                                         elementwise=elementwise)
-    calls = _attention_calls(kv_len, kv_block) if stage.kind == "attn" and kv_block else 1
+    calls = _attention_calls(kv_len, kv_block) if KINDS[stage.kind].reads_kv and kv_block else 1
     return cost.replace(act_read_bytes=sum(reads.values()), n_calls=calls)
 
 
@@ -336,9 +217,10 @@ def _read_key(stage: Stage, entry: str, queries_per_kv_head: int) -> tuple:
     """Which value of the activation state a stage reads: stages of a group reading the same
     value (q/k/v heads reading one normed h, FFN chunks reading h, head chunks reading the final
     h) count it once; the same entry name in another layer or sub-block is another value."""
-    if stage.kind in ("q", "k", "v"):
-        return entry, stage.layer, "qkv"
-    if stage.kind == "attn":
+    kind = KINDS[stage.kind]
+    if kind.shared_input:
+        return entry, stage.layer, kind.shared_input
+    if kind.reads_kv:
         if entry == "q":
             return entry, stage.layer, stage.index
         return entry, stage.layer, "kv_group", stage.index // queries_per_kv_head
@@ -360,7 +242,7 @@ def group_cost(group: Group, config: ModelConfig, *, tokens: int = 1, kv_len: in
     """
     _check_pass(tokens, kv_len)
     layout = layout or ChunkLayout.create(config)
-    bits = _Bits(weight_bits, vector_bits, kv_bits, act_bits)
+    bits = Bits(weight_bits, vector_bits, kv_bits, act_bits)
     total, reads = Cost(), {}
     seen_kv: set[tuple[int, int]] = set()
     g = config.queries_per_kv_head
@@ -369,7 +251,7 @@ def group_cost(group: Group, config: ModelConfig, *, tokens: int = 1, kv_len: in
             stage, config, bits, tokens=tokens, kv_len=kv_len, layout=layout,
             weight_bytes=weight_bytes if callable(weight_bytes) else None, scoring=scoring,
             elementwise=elementwise)
-        if stage.kind == "attn":
+        if KINDS[stage.kind].reads_kv:
             kv_group = (stage.layer, stage.index // g)
             if kv_group in seen_kv:  # this kv group's past and own k/v are already counted
                 cost = cost.replace(kv_bytes=0.0)
@@ -427,7 +309,7 @@ def model_step_cost(config: ModelConfig, *, phase: str = "decode", tokens: int |
     _check_pass(tokens, kv_len)
     if not 0 < ffn_active_fraction <= 1:
         raise ValueError(f"ffn_active_fraction must be in (0, 1], got {ffn_active_fraction}")
-    bits = _Bits(weight_bits, vector_bits, kv_bits, act_bits)
+    bits = Bits(weight_bits, vector_bits, kv_bits, act_bits)
     kw = dict(tokens=tokens, kv_len=kv_len, scoring=scoring, elementwise=elementwise)
     n, k, layers = config.n_heads, config.n_kv_heads, config.n_layers
     parts: dict[str, Cost] = {}
@@ -438,22 +320,17 @@ def model_step_cost(config: ModelConfig, *, phase: str = "decode", tokens: int |
         scaled = Cost(**{f.name: getattr(cost, f.name) * times for f in dataclasses.fields(Cost)})
         parts[kind] = parts.get(kind, Cost()) + scaled
 
-    add("embed", _op_cost("embed", config, bits, **kw))
-    add("norm", _op_cost("attn_norm", config, bits, **kw), 2 * layers)
-    add("q", _op_cost("q", config, bits, units=n, **kw), layers)
-    add("k", _op_cost("k", config, bits, units=k, **kw), layers)
-    add("v", _op_cost("v", config, bits, units=k, **kw), layers)
-    add("attn", _op_cost("attn", config, bits, units=n, kv_groups=k, **kw), layers)
-    add("o", _op_cost("o", config, bits, **kw), layers)
-    ffn, reads = _op_cost("ffn", config, bits, width=config.ffn_dim, **kw)
-    if ffn_active_fraction < 1:
-        touched = 1 - (1 - ffn_active_fraction) ** tokens
-        ffn = ffn.replace(flops=ffn.flops * ffn_active_fraction,
-                          weight_bytes=ffn.weight_bytes * touched,
-                          weight_params=ffn.weight_params * touched)
-    add("ffn", (ffn, reads), layers)
-    add("norm", _op_cost("final_norm", config, bits, **kw))
-    add("head", _op_cost("head", config, bits, width=config.vocab_size, **kw))
+    units = {"heads": n, "kv_heads": k, None: 1}
+    widths = {"ffn": config.ffn_dim, "vocab": config.vocab_size, None: 0}
+    for kind in KINDS.values():
+        cost, reads = kind.cost(config, bits, OpShape(units=units[kind.units], kv_groups=k,
+                                                      width=widths[kind.chunks], **kw))
+        if kind.chunks == "ffn" and ffn_active_fraction < 1:
+            touched = 1 - (1 - ffn_active_fraction) ** tokens
+            cost = cost.replace(flops=cost.flops * ffn_active_fraction,
+                                weight_bytes=cost.weight_bytes * touched,
+                                weight_params=cost.weight_params * touched)
+        add(kind.op, (cost, reads), layers if kind.scope == "layer" else 1)
     total = sum(parts.values(), Cost()).replace(n_calls=1)
     return (total, parts) if breakdown else total
 
@@ -469,14 +346,12 @@ def layer_decode_weight_params_d2(r: float, *, kv_ratio: float = 1.0, head_ratio
                                   family: str = "llama") -> float:
     """Weight parameters a decode step reads per layer / d^2.
 
-    Llama: q and o head_ratio each, k and v head_ratio * kv_ratio each, SwiGLU 3 r
-      -> 2 h + 2 h g + 3 r (d/dr = 3).  GPT-2 (no GQA, 2-matrix GELU MLP): 4 + 2 r.
+    q and o head_ratio each, k and v head_ratio * kv_ratio each, the FFN 3 r (SwiGLU: gate, up,
+    down; d/dr = 3) or 2 r (a GELU MLP: up, down) -> 2 h + 2 h g + 3 r. GPT-2 (no GQA, N H = d)
+    is head_ratio = kv_ratio = 1: 4 + 2 r.
     """
-    if family == "gpt2":
-        return 4.0 + 2.0 * r
-    if family != "llama":
-        raise ValueError(f"family must be 'llama' or 'gpt2', got {family!r}")
-    return 2 * head_ratio + 2 * head_ratio * kv_ratio + 3 * r
+    ffn_matrices = 3 if get_family(family).gated_ffn else 2
+    return 2 * head_ratio + 2 * head_ratio * kv_ratio + ffn_matrices * r
 
 
 def layer_decode_weight_bytes_d2(r: float, bytes_per_weight: float, **kwargs) -> float:
@@ -498,7 +373,7 @@ def layer_flops_per_token_d2(r: float, *, kv_ratio: float = 1.0, head_ratio: flo
     if attended:
         if not d_model:
             raise ValueError("the attention term of layer_flops_per_token_d2 needs d_model")
-        flops += 4.0 * attended * (1.0 if family == "gpt2" else head_ratio) / d_model
+        flops += 4.0 * attended * head_ratio / d_model
     return flops
 
 

@@ -5,9 +5,10 @@ Fixed policies:
   op     — all heads / groups / chunks of one op together (attention: all heads of a layer,
            looping over KV blocks);
   layer  — every stage of a layer in one unit (attention over the layer's whole past);
-  model  — the classic baseline: weights resident, one jit per step (run by `MonolithicDecoder`;
-           its plan is one group).
-`embed` is always its own unit: its weights are the rows of this step's tokens, read on demand.
+  model  — the classic baseline: one group of every stage, its weights resident (loaded once),
+           one jit per step (run by `engine.ResidentDecoder`).
+`embed` is always its own unit: its weights are the rows of this step's tokens, read on demand
+(an `on_demand` kind of `stagejax.stage_kinds`; the scheduler reads every kind's facts there).
 
 Budget accounting (what a group holds while it runs): its weights + the activations it reads
 and writes + the KV it reads (one block, or its layer's whole past when attention is fused with
@@ -17,26 +18,16 @@ other stages) + the weights of the next `prefetch_depth` units being read ahead.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
-from stagejax.models import ops
 from stagejax.model_config import ModelConfig
-from stagejax.stages import ChunkLayout, Stage, kv_groups_of
+from stagejax.models import ops
+from stagejax.stage_kinds import KINDS, kv_groups_of
+from stagejax.stages import ChunkLayout, Stage
 
 FIXED_POLICIES = ("atomic", "op", "layer", "model")
+RESIDENT_POLICIES = ("model",)  # plans whose one group holds every weight, loaded once
 
-# Activation entries each stage kind reads and writes (see stagejax.stages).
-READS = {
-    "embed": (), "attn_norm": ("x",), "ffn_norm": ("x",), "final_norm": ("x",),
-    "q": ("h",), "k": ("h",), "v": ("h",), "attn": ("q", "k_new", "v_new", "attn"),
-    "o": ("attn", "x"), "ffn": ("h", "x"), "head": ("h",),
-}
-WRITES = {
-    "embed": ("x",), "attn_norm": ("h",), "ffn_norm": ("h",), "final_norm": ("h",),
-    "q": ("q",), "k": ("k_new",), "v": ("v_new",), "attn": ("attn",), "o": ("x",),
-    "ffn": ("x",), "head": ("logits",),
-}
-SCORING_HEAD_STATE = ("nll_m", "nll_s", "nll_target")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +35,7 @@ class Group:
     """Consecutive stages run as one jitted unit."""
 
     stages: tuple[Stage, ...]
+    resident: bool = False  # its weights are loaded once and held (the `model` plan), not streamed
 
     @property
     def id(self) -> str:
@@ -52,11 +44,12 @@ class Group:
 
     @property
     def kind(self) -> str:
-        """"embed", "attn_blocks" (attention only, one layer: loops over KV blocks) or "fused"."""
-        kinds = {s.kind for s in self.stages}
-        if kinds == {"embed"}:
+        """"embed" (an `on_demand` kind's stage: rows read as it runs), "attn_blocks" (`reads_kv`
+        stages only, of one layer: loops over KV blocks) or "fused"."""
+        kinds = [KINDS[s.kind] for s in self.stages]
+        if all(k.on_demand for k in kinds):
             return "embed"
-        if kinds == {"attn"} and len({s.layer for s in self.stages}) == 1:
+        if all(k.reads_kv for k in kinds) and len({s.layer for s in self.stages}) == 1:
             return "attn_blocks"
         return "fused"
 
@@ -68,24 +61,22 @@ class Group:
         """(written, read-only) activation entries, in a stable order."""
         written, read = [], []
         for s in self.stages:
-            w = WRITES[s.kind]
-            if s.kind == "head" and scoring:
-                w = SCORING_HEAD_STATE
-            written += [e for e in w if e not in written]
-            reads = READS[s.kind] + (SCORING_HEAD_STATE if s.kind == "head" and scoring else ())
-            read += [e for e in reads if e not in read]
+            kind = KINDS[s.kind]
+            written += [e for e in kind.writes_in(scoring) if e not in written]
+            read += [e for e in kind.reads_in(scoring) if e not in read]
         read_only = tuple(e for e in read if e not in written)
         return tuple(written), read_only
 
     @property
     def kv_layers(self) -> tuple[int, ...]:
         """Layers whose past KV this group reads."""
-        return tuple(sorted({s.layer for s in self.stages if s.kind == "attn"}))
+        return tuple(sorted({s.layer for s in self.stages if KINDS[s.kind].reads_kv}))
 
 
 def streams_weights(group: Group) -> bool:
-    """Whether a group takes a unit from the prefetcher (embed reads its rows on demand)."""
-    return group.kind != "embed" and bool(group.weight_keys)
+    """Whether a group takes a unit from the prefetcher (embed reads its rows on demand; a
+    resident group's weights are loaded once)."""
+    return not group.resident and group.kind != "embed" and bool(group.weight_keys)
 
 
 def group_stages(stages: Sequence[Stage], policy: str, config: ModelConfig) -> list[Group]:
@@ -93,13 +84,13 @@ def group_stages(stages: Sequence[Stage], policy: str, config: ModelConfig) -> l
     if policy not in FIXED_POLICIES:
         raise ValueError(f"unknown schedule.policy {policy!r}; fixed policies: {', '.join(FIXED_POLICIES)}")
     if policy == "model":
-        return [Group(tuple(stages))]
+        return [Group(tuple(stages), resident=True)]
     if policy == "atomic":
         return [Group((s,)) for s in stages]
     groups: list[list[Stage]] = []
     for stage in stages:
         key = _group_key(stage, policy)
-        if groups and groups[-1][0].kind != "embed" and _group_key(groups[-1][0], policy) == key:
+        if groups and not KINDS[groups[-1][0].kind].on_demand and _group_key(groups[-1][0], policy) == key:
             groups[-1].append(stage)
         else:
             groups.append([stage])
@@ -111,16 +102,16 @@ def _group_key(stage: Stage, policy: str):
     layer (final_norm and the head chunks form the last group)."""
     if policy == "op":
         return (stage.layer, stage.kind)
-    return ("embed",) if stage.kind == "embed" else (stage.layer,)
+    return (stage.kind,) if KINDS[stage.kind].on_demand else (stage.layer,)
 
 
 def kv_flush_points(groups: Sequence[Group], config: ModelConfig) -> dict[int, tuple[int, ...]]:
     """For each group index, the layers whose new keys/values must be written to the cache
-    after it runs: the group holding the layer's last k or v stage."""
+    after it runs: the group holding the layer's last stage that `writes_kv`."""
     last_group_of_layer: dict[int, int] = {}
     for gi, group in enumerate(groups):
         for s in group.stages:
-            if s.kind in ("k", "v"):
+            if s.writes_kv:
                 last_group_of_layer[s.layer] = gi
     points: dict[int, list[int]] = {}
     for layer, gi in last_group_of_layer.items():
@@ -160,7 +151,8 @@ def _entry_elements(config: ModelConfig, tokens: int) -> dict[str, int]:
 
 def pass_state_bytes(config: ModelConfig, tokens: int, scoring: bool = False) -> int:
     """A pass's whole activation state (`stages.init_state`)."""
-    entries = ("x", "h", "q", "k_new", "v_new", "attn") + (SCORING_HEAD_STATE if scoring else ("logits",))
+    entries = ("x", "h", "q", "k_new", "v_new", "attn") + (
+        ("nll_m", "nll_s", "nll_target") if scoring else ("logits",))
     sizes = _entry_elements(config, tokens)
     return 4 * sum(sizes[e] for e in entries)
 
@@ -183,7 +175,7 @@ def activation_bytes(group: Group, config: ModelConfig, tokens: int, scoring: bo
     sizes = _entry_elements(config, tokens)
     written, read_only = group.state_entries(scoring)
     own = 4 * sum(sizes[e] for e in set(written) | set(read_only))
-    carry = sum(tokens * (2 + config.head_dim) for s in group.stages if s.kind == "attn")
+    carry = sum(tokens * (2 + config.head_dim) for s in group.stages if KINDS[s.kind].reads_kv)
     return max(own, resident_state) + 4 * carry
 
 
@@ -215,14 +207,17 @@ def xla_scratch_bytes(group: Group, config: ModelConfig, tokens: int, kv_block: 
     `SCRATCH_FLOOR_BYTES`.
     """
     t = tokens
-    small = t * config.d_model * len(group.stages)
-    if any(s.kind == "ffn" for s in group.stages):
-        small += 2 * t * config.ffn_dim
-    if scoring:
-        rows = [(layout.vocab_bounds[s.index + 1] - layout.vocab_bounds[s.index]) if layout
-                else config.vocab_size for s in group.stages if s.kind == "head"]
-        small += t * (sum(rows) + max(rows, default=0))
-    heads = [s for s in group.stages if s.kind == "attn"]
+    # Stages of different layers depend on each other in sequence: one layer's outputs at most
+    # are live at once (only the resident plan's group spans layers).
+    per_layer: dict = {}
+    for s in group.stages:
+        per_layer[s.layer] = per_layer.get(s.layer, 0) + 1
+    small = t * config.d_model * max(per_layer.values())
+    for kind in dict.fromkeys(KINDS[s.kind] for s in group.stages):
+        if kind.scratch:
+            widths = [_chunk_rows(s, kind, config, layout) for s in group.stages if s.kind == kind.name]
+            small += kind.scratch(config, t, widths, scoring)
+    heads = [s for s in group.stages if KINDS[s.kind].reads_kv]
     if not heads:
         return SCRATCH_FLOOR_BYTES + 4 * small
     h = config.head_dim
@@ -242,6 +237,21 @@ def xla_scratch_bytes(group: Group, config: ModelConfig, tokens: int, kv_block: 
     value_sum = 2 * rows * k * h if many_rows else t * rows * n * h
     past = 2 * rows * k * h  # keys and values as float32 [S, k, H]
     return SCRATCH_FLOOR_BYTES + 4 * (max(value_sum, past) + 4 * t * n * rows + small)
+
+
+def _chunk_rows(stage: Stage, kind, config: ModelConfig, layout: ChunkLayout | None) -> int:
+    """Columns of an FFN chunk or rows of a vocabulary chunk (the whole width without `layout`)."""
+    if kind.chunks is None:
+        return 0
+    if layout is None:
+        return config.ffn_dim if kind.chunks == "ffn" else config.vocab_size
+    bounds = layout.ffn_bounds if kind.chunks == "ffn" else layout.vocab_bounds
+    return bounds[stage.index + 1] - bounds[stage.index]
+
+
+def embed_rows_bytes(config: ModelConfig, tokens: int) -> int:
+    """What the embedding group holds: its tokens' float32 rows (and their positions')."""
+    return tokens * config.d_model * 4 * config.traits.embed_rows_per_token
 
 
 def lingering_scratch(tokens: int) -> bool:
@@ -266,57 +276,98 @@ def kv_read_bytes(group: Group, config: ModelConfig, kv_block_bytes, layer_past_
     return layer_past_bytes * len(group.kv_layers)
 
 
-def plan_groups(groups: Sequence[Group], config: ModelConfig, weight_bytes_of, tokens: int,
-                prefetch_depth: int, kv_block_bytes, layer_past_bytes: int,
-                slab_bytes: int = 0, dequant_bytes_of=None,
-                kv_buffer_persists: bool = False, scratch_bytes_of=None,
-                resident_kv_bytes: int = 0, scoring: bool = False,
-                resident_state: int = 0) -> list[GroupPlan]:
-    """Memory accounting of every group (design §5): `weight_bytes_of(keys)` gives stored
-    bytes; the embed group holds only its tokens' rows. With `slab_bytes` (the prefetcher
-    reads every unit into one of depth + 1 slabs of that size), a streamed group's weights
-    occupy a slab and each unit in flight another. `dequant_bytes_of(keys)`: the float32
-    temporary of a group's largest quantized matrix (quantized checkpoints).
-    `kv_buffer_persists` (a cache on disk): KV reads land in one buffer that the cache keeps
-    between groups, as large as the plan's largest read, so every group is charged that.
-    `scratch_bytes_of(group)`: XLA's temporaries inside its executable (`xla_scratch_bytes`).
-    `resident_kv_bytes`: a cache in RAM, every layer's written rows, held through every group
-    (`kv_store.resident_cache_bytes`) on top of the group's own read. `scoring`: a perplexity
-    pass (the head keeps NLL accumulators, not logits); `resident_state`: activations held in
-    RAM through every group (`resident_state_bytes`; 0 with activations in external memory).
-    In a pass of more than one token each group is also charged its predecessor's XLA
-    temporaries (`lingering_scratch`)."""
-    kv = [kv_read_bytes(g, config, kv_block_bytes, layer_past_bytes) for g in groups]
-    if kv_buffer_persists and kv:
-        kv = [max(kv)] * len(kv)
-    kv = [k + resident_kv_bytes for k in kv]
-    streamed = [weight_bytes_of(g.weight_keys) if streams_weights(g) else 0 for g in groups]
-    units = [i for i, g in enumerate(groups) if streams_weights(g)]
-    scratch = [scratch_bytes_of(g) if scratch_bytes_of else 0 for g in groups]
-    if lingering_scratch(tokens):
-        # Passes repeat the sequence (decode steps, prefill and scoring windows): the first
-        # group follows the last.
-        scratch = [own + scratch[i - 1] for i, own in enumerate(scratch)]
-    rows = []
-    for i, group in enumerate(groups):
+@dataclasses.dataclass(frozen=True)
+class MemoryModel:
+    """What a plan's memory depends on besides its groups: the one place per-group bytes are
+    computed (design §5), for the planner packing groups under a budget, the staged executor's
+    plan and the resident `model` plan alike.
+
+    weight_bytes_of(keys): stored bytes of weight arrays; the embed group holds only its tokens'
+      rows. A `resident` group holds its weights throughout; a streamed one in a slab.
+    kv_block_bytes(n_groups), layer_past_bytes: a blocked attention's KV read, and one layer's
+      whole past as attention fused with other stages reads it.
+    prefetch_depth: units read ahead while a group runs.
+    dequant_bytes_of(keys): the float32 temporary of a group's largest quantized matrix,
+      dequantized inside its jit (quantized checkpoints).
+    kv_buffer_persists (a cache on disk): KV reads land in one buffer the cache keeps between
+      groups, as large as the plan's largest read, so every group is charged that.
+    resident_kv_bytes: a cache in RAM, every layer's written rows, held through every group
+      (`kv_store.resident_cache_bytes`) on top of the group's own read.
+    scratch_bytes_of(group, tokens, scoring): XLA's temporaries inside its executable
+      (`xla_scratch_bytes`); in a pass of more than one token each group is also charged its
+      predecessor's (`lingering_scratch`).
+    activations_in_ram: the pass's whole activation state stays resident through every group
+      (`resident_state_bytes`); else (external memory) a group holds only the entries it uses.
+    """
+
+    config: ModelConfig
+    weight_bytes_of: Callable[[Sequence[str]], int]
+    kv_block_bytes: Callable[[int], int]
+    layer_past_bytes: int
+    prefetch_depth: int = 0
+    dequant_bytes_of: Callable[[Sequence[str]], int] | None = None
+    kv_buffer_persists: bool = False
+    resident_kv_bytes: int = 0
+    scratch_bytes_of: Callable[[Group, int, bool], int] | None = None
+    activations_in_ram: bool = True
+
+    def kv_read_bytes(self, group: Group) -> int:
+        return kv_read_bytes(group, self.config, self.kv_block_bytes, self.layer_past_bytes)
+
+    def held_weight_bytes(self, group: Group, tokens: int) -> int:
+        """The weights a group holds while it runs (without the slab around streamed ones)."""
         if group.kind == "embed":
-            w = tokens * config.d_model * 4 * (2 if config.family == "gpt2" else 1)
-        else:
-            w = streamed[i]
-        ahead = 0
-        if prefetch_depth and units:
-            if slab_bytes:
-                ahead = prefetch_depth * slab_bytes
-            else:
-                # The next `depth` units (cyclically, across steps) are in flight.
-                position = next((j for j, u in enumerate(units) if u >= i), 0)
-                if units[position] == i:
-                    position += 1
-                ahead = sum(streamed[units[(position + j) % len(units)]] for j in range(prefetch_depth))
-        buffer = slab_bytes if streamed[i] else 0
-        rows.append(GroupPlan(group.id, group.kind, len(group.stages), w,
-                              activation_bytes(group, config, tokens, scoring, resident_state),
-                              kv[i], ahead,
-                              buffer, dequant_bytes_of(group.weight_keys) if dequant_bytes_of else 0,
-                              scratch[i]))
-    return rows
+            return embed_rows_bytes(self.config, tokens)
+        # Distinct arrays: in a resident group a tied head's chunks are the embedding's.
+        keys = tuple(dict.fromkeys(group.weight_keys))
+        return self.weight_bytes_of(keys) if keys else 0
+
+    def scratch_bytes(self, group: Group, tokens: int, scoring: bool) -> int:
+        return self.scratch_bytes_of(group, tokens, scoring) if self.scratch_bytes_of else 0
+
+    def row(self, group: Group, tokens: int, scoring: bool = False, *, ahead: int = 0,
+            buffer: int = 0, kv_buffer: int = 0, lingering: int = 0) -> GroupPlan:
+        """One group's accounting: `ahead` bytes read ahead, its weights in a `buffer` (slab)
+        of that size (0: its own bytes), a persistent KV buffer of at least `kv_buffer`, and
+        `lingering` bytes of the previous group's XLA temporaries (passes of many tokens)."""
+        kv = self.kv_read_bytes(group)
+        if self.kv_buffer_persists:
+            kv = max(kv, kv_buffer)
+        held_state = resident_state_bytes(self.config, tokens, scoring) if self.activations_in_ram else 0
+        scratch = self.scratch_bytes(group, tokens, scoring)
+        if lingering_scratch(tokens):
+            scratch += lingering
+        return GroupPlan(group.id, group.kind, len(group.stages), self.held_weight_bytes(group, tokens),
+                         activation_bytes(group, self.config, tokens, scoring, held_state),
+                         kv + self.resident_kv_bytes, ahead, buffer,
+                         self.dequant_bytes_of(group.weight_keys) if self.dequant_bytes_of else 0,
+                         scratch)
+
+    def plan(self, groups: Sequence[Group], tokens: int, scoring: bool = False,
+             slab_bytes: int = 0) -> list[GroupPlan]:
+        """Every group of a pass of `tokens` tokens (a perplexity pass if `scoring`). With
+        `slab_bytes` (the prefetcher reads every unit into one of depth + 1 slabs of that size)
+        a streamed group's weights occupy a slab and each unit in flight another; without, the
+        next `prefetch_depth` units' own bytes are in flight (cyclically, across steps)."""
+        kv_buffer = max((self.kv_read_bytes(g) for g in groups), default=0)
+        streamed = [self.weight_bytes_of(g.weight_keys) if streams_weights(g) else 0 for g in groups]
+        units = [i for i, g in enumerate(groups) if streams_weights(g)]
+        scratch = [self.scratch_bytes(g, tokens, scoring) for g in groups]
+        rows = []
+        for i, group in enumerate(groups):
+            ahead = 0
+            if self.prefetch_depth and units:
+                if slab_bytes:
+                    ahead = self.prefetch_depth * slab_bytes
+                else:
+                    position = next((j for j, u in enumerate(units) if u >= i), 0)
+                    if units[position] == i:
+                        position += 1
+                    ahead = sum(streamed[units[(position + j) % len(units)]]
+                                for j in range(self.prefetch_depth))
+            # Passes repeat the sequence (decode steps, prefill and scoring windows): the first
+            # group follows the last.
+            rows.append(self.row(group, tokens, scoring, ahead=ahead,
+                                 buffer=slab_bytes if streamed[i] else 0, kv_buffer=kv_buffer,
+                                 lingering=scratch[i - 1]))
+        return rows

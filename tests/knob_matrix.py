@@ -41,7 +41,7 @@ from allpairspy import AllPairs
 from stagejax.models import ops
 from stagejax.decode import forward_logits
 from stagejax.devices import device_from_settings
-from stagejax.experiment import ScheduleRun, plan_context
+from stagejax.engine import ScheduleRun, plan_context
 from stagejax.importers.gguf import _byte_to_unicode, gpt2_placements, llama_placements
 from stagejax.kv_cache import KVLayout
 from stagejax.loading import open_model
@@ -543,13 +543,13 @@ def check_case(case: Case, model: MatrixModel,
         error, message = refusal
         try:
             ScheduleRun(settings, model.handle, store, capacity, reference.prompt_len,
-                        SamplingConfig()).staged.close()
+                        SamplingConfig()).close()
         except error as e:
             assert re.search(message, str(e)), f"refused with another message: {e}"
             return
         raise AssertionError(f"{case.id}: expected {error.__name__} matching {message!r}")
     run = ScheduleRun(settings, model.handle, store, capacity, reference.prompt_len, SamplingConfig())
-    decoder = run.staged
+    decoder = run.engine
     try:
         if mutate is not None:
             mutate(decoder)

@@ -17,3 +17,20 @@ def test_api_generate_and_perplexity():
     assert llama.n_chunks == 2 and llama.n_scored_tokens == 2 * 31
     assert strided.n_scored_tokens == len(model.tokenizer.encode(text)) - 1
     assert 1 < llama.ppl < 1e4 and 1 < strided.ppl < 1e4
+
+
+def test_api_runs_any_plan_to_the_same_tokens_and_perplexity(tmp_path):
+    """Streamed plans (and a quantized resident one) through the public API: staged output is
+    the resident model's, and a budget plan's too."""
+    model = stagejax.load_model("tiny")
+    reference = stagejax.generate(model, "Hello", max_new_tokens=6)
+    for schedule in ("atomic", "layer"):
+        staged = stagejax.generate(model, "Hello", max_new_tokens=6, schedule=schedule,
+                                   cache_dir=str(tmp_path))
+        assert staged.new_ids == reference.new_ids, schedule
+    text = "A line of text for the tiny model to score. " * 20
+    resident = stagejax.perplexity(model, text, n_ctx=64, n_chunks=2, progress=False)
+    streamed = stagejax.perplexity(model, text, n_ctx=64, n_chunks=2, progress=False,
+                                   schedule="budget", budget_mb=4, cache_dir=str(tmp_path))
+    assert streamed.n_scored_tokens == resident.n_scored_tokens
+    assert abs(streamed.mean_nll - resident.mean_nll) < 1e-4

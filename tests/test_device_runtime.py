@@ -17,7 +17,7 @@ import pytest
 
 from stagejax.evaluation import perplexity_llama_cpp
 from stagejax.executor import StagedDecoder
-from stagejax.experiment import plan_context
+from stagejax.engine import plan_context
 from stagejax.export import write_bundle
 from stagejax.kv_cache import KVLayout
 from stagejax.loading import open_model

@@ -17,9 +17,9 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 import knob_matrix as km
-from stagejax import stages
+from stagejax import stage_kinds
 from stagejax.evaluation import perplexity_llama_cpp
-from stagejax.experiment import ScheduleRun
+from stagejax.engine import ScheduleRun
 from stagejax.sampling import SamplingConfig
 
 CASES = km.pairwise_cases()
@@ -90,13 +90,13 @@ def test_the_unmutated_mutation_case_passes(matrix_models):
 
 
 def test_a_rope_offset_by_one_position_in_one_head_is_caught(matrix_models, monkeypatch):
-    q_fn = stages.STAGE_FNS["q"]
+    q_fn = stage_kinds.KINDS["q"].fn
 
     def off_by_one(config, state, weights, ctx, index):
         shifted = ctx["positions"] + (index == 1).astype(ctx["positions"].dtype)  # head 1 only
         return q_fn(config, state, weights, {**ctx, "positions": shifted}, index)
 
-    monkeypatch.setitem(stages.STAGE_FNS, "q", off_by_one)
+    monkeypatch.setitem(stage_kinds.KINDS, "q", dataclasses.replace(stage_kinds.KINDS["q"], fn=off_by_one))
     with pytest.raises(AssertionError, match="staged differs from monolithic"):
         km.check_case(MUTATED, matrix_models("llama"))
 
@@ -104,13 +104,13 @@ def test_a_rope_offset_by_one_position_in_one_head_is_caught(matrix_models, monk
 def test_a_swapped_kv_group_is_caught(matrix_models, monkeypatch):
     """Keys and values of kv groups 0 and 1 written into each other's slots."""
     for kind in ("k", "v"):
-        original = stages.STAGE_FNS[kind]
+        original = stage_kinds.KINDS[kind].fn
 
         def swapped(config, state, weights, ctx, index, original=original):
             other = jnp.where(index == 0, 1, jnp.where(index == 1, 0, index)).astype(index.dtype)
             return original(config, state, weights, ctx, other)
 
-        monkeypatch.setitem(stages.STAGE_FNS, kind, swapped)
+        monkeypatch.setitem(stage_kinds.KINDS, kind, dataclasses.replace(stage_kinds.KINDS[kind], fn=swapped))
     with pytest.raises(AssertionError, match="staged differs from monolithic"):
         km.check_case(MUTATED, matrix_models("llama"))
 
@@ -291,7 +291,7 @@ def test_smollm2_two_chunk_perplexity_is_equal_across_schedules(smollm2):
         try:
             staged = perplexity_llama_cpp(run.nll_fn(), tokens, n_ctx, n_chunks, progress=False)
         finally:
-            run.staged.close()
+            run.close()
         assert staged.n_scored_tokens == monolithic.n_scored_tokens
         assert abs(staged.mean_nll - monolithic.mean_nll) <= 2 * SMOLLM2_ATOL, (
             schedule, staged.ppl, monolithic.ppl)

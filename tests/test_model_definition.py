@@ -55,3 +55,42 @@ def test_the_check_finds_model_math():
               "def norm(x):\n    return x * jax.lax.rsqrt(ops.rms(x))\n"
               "def fine(x):\n    return ops.log_softmax(x)\n")
     assert model_math(source) == [(4, "@"), (4, "einsum"), (6, "rsqrt")]
+
+
+# Modules that may name a family: the family declarations themselves, and the importers, whose
+# per-family tensor names are the file formats' (GGUF's `general.architecture`, HF's `model_type`).
+FAMILY_OWNERS = ("stagejax/models/family.py", "stagejax/models/llama.py", "stagejax/models/gpt2.py",
+                 "stagejax/importers/")
+
+
+def family_branches(source: str) -> list[int]:
+    """Lines comparing anything with a family's name, or branching on `.family`."""
+    from stagejax.models.family import family_names
+
+    names = set(family_names())
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            named = any(isinstance(o, ast.Constant) and o.value in names for o in operands)
+            on_family = any(isinstance(o, ast.Attribute) and o.attr == "family" for o in operands)
+            if named or on_family:
+                lines.append(node.lineno)
+    return lines
+
+
+def test_no_module_outside_the_families_branches_on_a_family():
+    offenders = []
+    for root in SOURCES:
+        for path in sorted(root.rglob("*.py")):
+            relative = path.relative_to(REPO).as_posix()
+            if relative.startswith(FAMILY_OWNERS):
+                continue
+            offenders += [f"{relative}:{line}" for line in family_branches(path.read_text())]
+    assert not offenders, ("a family's name compared outside its family module (read "
+                           "config.traits instead): " + ", ".join(offenders))
+
+
+def test_the_family_check_finds_branches():
+    source = 'def f(config):\n    if config.family == "gpt2":\n        pass\n    x = "llama" in y\n'
+    assert family_branches(source) == [2, 4]

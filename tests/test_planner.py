@@ -328,3 +328,35 @@ def test_scratch_bound_covers_compiled_temporaries(tiny_store, order, dtype):
                         assert bound <= 3 * temp + 4096, (name, group.id, temp, bound)
         finally:
             decoder.close()
+
+
+def test_the_model_plan_is_one_resident_group_accounted_like_any_other():
+    """`model` is an ordinary plan: one group of every stage, its weights held (each distinct
+    array once: a tied head's chunks are the embedding's), nothing streamed or read ahead."""
+    tied = dataclasses.replace(SMALL, tie_embeddings=True)
+    layout = ChunkLayout.create(tied, ffn_chunks=2, vocab_chunk=40)
+    stages = build_stages(tied, layout)
+    ctx = context(tied, layout)
+    plan = make_plan(stages, "model", ctx)
+    (group,), (row,) = plan.groups, plan.rows
+    assert group.resident and len(group.stages) == len(stages)
+    distinct = {key for stage in stages for key in stage.weight_keys}
+    assert row.weight_bytes == ctx.stored_bytes(sorted(distinct)) < ctx.stored_bytes(group.weight_keys)
+    assert row.prefetch_bytes == row.buffer_bytes == 0
+    assert row.peak_bytes == ctx.memory.row(group, 1).peak_bytes
+
+
+def test_a_budget_plan_is_found_where_charging_the_largest_temporaries_would_fit_nothing():
+    """Passes of many tokens charge each group its predecessor's temporaries. With the largest
+    group's charged to every group nothing fit, though smaller groups would: the planner caps
+    every group's temporaries instead, and the plan it makes is within the budget."""
+    model_config = open_model("tiny").config
+    layout = ChunkLayout.create(model_config, ffn_chunks=8)
+    stages = build_stages(model_config, layout)
+    ctx = dataclasses.replace(context(model_config, layout, kv_len=64, kv_block=64),
+                              past_rows=64, other_passes=((64, True),))
+    atomic_need = account("atomic", [Group((s,)) for s in stages], ctx.for_pass(64, True)).peak_bytes
+    budget = 2 * atomic_need
+    plan = make_plan(stages, "budget", ctx, budget)
+    assert plan.every_pass_peak_bytes <= budget
+    assert len(plan.groups) < len(stages)  # it fused something

@@ -395,7 +395,7 @@ class HostKVCache:
 
         One buffer per part, grown to the largest read so far and reused by every read: what
         stays resident between reads is the largest read (the plan charges exactly that to
-        every group, `scheduler.plan_groups`), not one buffer per read shape.
+        every group, `scheduler.MemoryModel`), not one buffer per read shape.
         """
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape)) * dtype.itemsize

@@ -198,6 +198,8 @@ class StagedRunner:
             self.store.close()
             raise
         self.vocab_bounds = plan["vocab_bounds"]
+        # A family with learned positions stores their rows; the embed group adds them.
+        self.position_rows = "pos_embed/w" in self.store.manifest.arrays
         self.embed_leaves = plan["embed_leaves"]
         self._embed_rows: dict[int, tuple] = {}
         self.kv_wait_s = 0.0
@@ -226,7 +228,7 @@ class StagedRunner:
             arrays = self.store.manifest.arrays
             buffers = tuple(aligned_empty((tokens,) + tuple(arrays[f"embed/0/{leaf}"].shape[1:]),
                                      arrays[f"embed/0/{leaf}"].dtype) for leaf in self.embed_leaves)
-            if self.config.family == "gpt2":
+            if self.position_rows:
                 buffers += (aligned_empty((tokens, self.config.d_model), "float32"),)
             self._embed_rows[tokens] = buffers
         buffers = self._embed_rows[tokens]
@@ -236,7 +238,7 @@ class StagedRunner:
                 row = self.store.read_rows(f"embed/{c}/{leaf}", [int(token) - self.vocab_bounds[c]])
                 buffer[t] = row[0]
                 self.store.release(row)
-        if self.config.family == "gpt2":
+        if self.position_rows:
             positions = np.minimum(np.arange(start, start + tokens), self.config.max_seq_len - 1)
             rows = self.store.read_rows("pos_embed/w", positions.tolist())
             buffers[-1][:] = rows

@@ -1,13 +1,11 @@
-"""The decoder-only transformer of both families as one Flax module.
-
-Llama: RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or untied head.
-GPT-2: LayerNorm, learned positions, GELU MLP, biases everywhere, tied head.
+"""The decoder-only transformer as Flax modules, configured by its family's switches
+(`stagejax.models.family`: norm, biases, rotary or learned positions, SwiGLU or GELU FFN).
 
 Parameter tree (the names the stage shards and importers use):
-  embed/embedding [V, D]; pos_embed/embedding [P, D] (GPT-2)
+  embed/embedding [V, D]; pos_embed/embedding [P, D] (learned positions)
   L{i}/attn_norm/{scale,bias}; L{i}/q/kernel [D, N, H]; L{i}/k/kernel, L{i}/v/kernel [D, K, H]
-  (GPT-2: plus bias [N, H] / [K, H]); L{i}/o/kernel [N, H, D] (+ bias [D]);
-  L{i}/ffn_norm/{scale,bias}; L{i}/gate/kernel [D, F] (Llama); L{i}/up/kernel [D, F]
+  (with biases: plus bias [N, H] / [K, H]); L{i}/o/kernel [N, H, D] (+ bias [D]);
+  L{i}/ffn_norm/{scale,bias}; L{i}/gate/kernel [D, F] (SwiGLU); L{i}/up/kernel [D, F]
   (+ bias [F]); L{i}/down/kernel [F, D] (+ bias [D]); final_norm/{scale,bias};
   head/kernel [D, V] when the head is not tied.
 
@@ -59,27 +57,25 @@ class Block(nn.Module):
     heads: int | None = None  # query heads of `q` (default: config.n_heads)
     kv_heads: int | None = None  # kv heads of `k` and `v` (default: config.n_kv_heads)
     ffn_width: int | None = None  # FFN columns of gate/up/down (default: config.ffn_dim)
-    ffn_down_bias: bool = True  # GPT-2: the down projection's bias (once per layer, not per chunk)
+    ffn_down_bias: bool = True  # families with biases: the down bias (once per layer, not per chunk)
 
     def setup(self):
-        c = self.config
-        gpt2 = c.family == "gpt2"
+        c, family = self.config, self.config.traits
         n = self.heads or c.n_heads
         k = self.kv_heads or c.n_kv_heads
         f = self.ffn_width or c.ffn_dim
-        norm_kind = "layer" if gpt2 else "rms"
-        self.attn_norm = Norm(c.d_model, c.norm_eps, norm_kind)
-        self.q = Einsum((c.d_model, n, c.head_dim), "BTD,DNH->BTNH", (n, c.head_dim) if gpt2 else None)
-        self.k = Einsum((c.d_model, k, c.head_dim), "BTD,DKH->BTKH", (k, c.head_dim) if gpt2 else None)
-        self.v = Einsum((c.d_model, k, c.head_dim), "BTD,DKH->BTKH", (k, c.head_dim) if gpt2 else None)
-        self.o = Einsum((c.n_heads, c.head_dim, c.d_model), "BTNH,NHD->BTD",
-                        (c.d_model,) if gpt2 else None)
-        self.ffn_norm = Norm(c.d_model, c.norm_eps, norm_kind)
-        if not gpt2:
+        bias = lambda *shape: shape if family.biases else None  # noqa: E731
+        self.attn_norm = Norm(c.d_model, c.norm_eps, family.norm)
+        self.q = Einsum((c.d_model, n, c.head_dim), "BTD,DNH->BTNH", bias(n, c.head_dim))
+        self.k = Einsum((c.d_model, k, c.head_dim), "BTD,DKH->BTKH", bias(k, c.head_dim))
+        self.v = Einsum((c.d_model, k, c.head_dim), "BTD,DKH->BTKH", bias(k, c.head_dim))
+        self.o = Einsum((c.n_heads, c.head_dim, c.d_model), "BTNH,NHD->BTD", bias(c.d_model))
+        self.ffn_norm = Norm(c.d_model, c.norm_eps, family.norm)
+        if family.gated_ffn:
             self.gate = Einsum((c.d_model, f), "BTD,DF->BTF")
-        self.up = Einsum((c.d_model, f), "BTD,DF->BTF", (f,) if gpt2 else None)
+        self.up = Einsum((c.d_model, f), "BTD,DF->BTF", bias(f))
         self.down = Einsum((f, c.d_model), "BTF,FD->BTD",
-                           (c.d_model,) if gpt2 and self.ffn_down_bias else None)
+                           bias(c.d_model) if self.ffn_down_bias else None)
 
     # ---- the computations a stage runs ------------------------------------------------------
 
@@ -98,7 +94,7 @@ class Block(nn.Module):
         return self.v(h_BTD)
 
     def _rotate(self, x_BTnH, positions_BT):
-        if self.config.family == "llama":
+        if self.config.traits.rope:
             return ops.rope(x_BTnH, positions_BT, self.config.rope_theta)
         return x_BTnH
 
@@ -115,7 +111,7 @@ class Block(nn.Module):
     def attention_output(self, attn_BTNH):
         """The output projection of every head: the residual's update [B, T, D]."""
         y_BTD = ops.output_projection(attn_BTNH, self.o.kernel(after=attn_BTNH))
-        return y_BTD + self.o.bias() if self.config.family == "gpt2" else y_BTD
+        return y_BTD + self.o.bias() if self.config.traits.biases else y_BTD
 
     def ffn_input(self, x_BTD):
         return self.ffn_norm(x_BTD)
@@ -123,11 +119,11 @@ class Block(nn.Module):
     def ffn(self, h_BTD):
         """The FFN over this instance's columns: the residual's update [B, T, D] (chunks'
         updates sum to the whole FFN's)."""
-        if self.config.family == "llama":
+        if self.config.traits.gated_ffn:
             return ops.swiglu(h_BTD, self.gate.kernel(h_BTD), self.up.kernel(h_BTD),
                               self.down.kernel(h_BTD))
         y_BTD = ops.gelu_mlp(h_BTD, self.up.kernel(h_BTD), self.up.bias(), self.down.kernel(h_BTD))
-        return y_BTD + self.down.bias() if self.ffn_down_bias else y_BTD
+        return y_BTD + self.down.bias() if self.ffn_down_bias and self.config.traits.biases else y_BTD
 
     # ---- the whole layer ------------------------------------------------------------------------
 
@@ -169,24 +165,24 @@ class Decoder(nn.Module):
     config: ModelConfig
     kv_dtype: str = "float32"  # see Block
     vocab_rows: int | None = None
-    position_rows: int | None = None  # GPT-2's learned positions held (default: max_seq_len)
+    position_rows: int | None = None  # learned position rows held (default: max_seq_len)
 
     def setup(self):
         c = self.config
         rows = self.vocab_rows or c.vocab_size
         self.embed = Embed(rows, c.d_model)
-        if c.family == "gpt2":
+        if c.traits.learned_positions:
             self.pos_embed = nn.Embed(self.position_rows or c.max_seq_len, c.d_model,
                                       embedding_init=nn.initializers.normal(INIT_STDDEV))
         self.layers = [Block(c, self.kv_dtype, name=f"L{i}") for i in range(c.n_layers)]
-        self.final_norm = Norm(c.d_model, c.norm_eps, "layer" if c.family == "gpt2" else "rms")
+        self.final_norm = Norm(c.d_model, c.norm_eps, c.traits.norm)
         if not c.tie_embeddings:
             self.head = Einsum((c.d_model, rows), "BTD,DV->BTV")
 
     def embed_tokens(self, tokens_BT, positions_BT):
         """The residual stream's start [B, T, D]: token embeddings (+ learned positions)."""
         x_BTD = self.embed(tokens_BT)
-        if self.config.family == "gpt2":
+        if self.config.traits.learned_positions:
             x_BTD = x_BTD + self.pos_embed(positions_BT)
         return x_BTD
 

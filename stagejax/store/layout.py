@@ -5,14 +5,14 @@ Every array is at the finest atomic granularity of design §3 and keyed like its
 
   embed/{c}/w        [V_c, D]  rows of vocab chunk c of the token embedding; when the head is
                                tied it is also LM head chunk c (logits_c = x @ w.T)
-  pos_embed/w        [P, D]    GPT-2 only
-  L{i}/attn_norm/w   [D]       norm scale (+ /b [D], GPT-2)
-  L{i}/q/{h}/w       [D, H]    q kernel[:, h, :] (+ /b [H], GPT-2); likewise L{i}/k/{g}, L{i}/v/{g}
-  L{i}/o/w           [N, H, D] (+ /b [D], GPT-2)
-  L{i}/ffn_norm/w    [D]       (+ /b [D], GPT-2)
-  L{i}/ffn/{c}/gate  [D, F_c]  Llama; /up [D, F_c]; /down [F_c, D];
-                               GPT-2: /up_b [F_c], and in chunk 0 only /down_b [D]
-  final_norm/w       [D]       (+ /b [D], GPT-2)
+  pos_embed/w        [P, D]    learned positions only (`Family.learned_positions`)
+  L{i}/attn_norm/w   [D]       norm scale (+ /b [D] in families with biases)
+  L{i}/q/{h}/w       [D, H]    q kernel[:, h, :] (+ /b [H]); likewise L{i}/k/{g}, L{i}/v/{g}
+  L{i}/o/w           [N, H, D] (+ /b [D])
+  L{i}/ffn_norm/w    [D]       (+ /b [D])
+  L{i}/ffn/{c}/gate  [D, F_c]  SwiGLU only; /up [D, F_c]; /down [F_c, D];
+                               with biases: /up_b [F_c], and in chunk 0 only /down_b [D]
+  final_norm/w       [D]       (+ /b [D])
   head/{c}/w         [D, V_c]  only when the head is not tied
 
 FFN chunk c covers intermediate columns [ffn_bounds[c], ffn_bounds[c+1]) with `np.array_split`
@@ -28,7 +28,7 @@ other, named after its float leaf: `L{i}/q/{h}/w_i4` + `L{i}/q/{h}/w_scale` (+ `
 output channels, FFN chunks of `down` along whole input groups — so every shard's scales are
 those of the full matrix. Embedding rows are stored out-major (one row per token); with a tied
 head in an input-major format, `head/{c}/w_*` holds the head's copy (see `stagejax.quant`).
-Norms, biases and GPT-2's position embedding stay float32.
+Norms, biases and learned position embeddings stay float32.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def shard_arrays(params: dict, config: ModelConfig, ffn_bounds: list[int],
     Yields float arrays (views where the source is already contiguous; the caller copies) or
     `QuantizedMatrix` slices; `stored_arrays` turns either into the arrays to save.
     """
-    gpt2 = config.family == "gpt2"
+    family = config.traits
     P = lambda *path: _get(params, path)  # noqa: E731
     F = lambda *path: np.asarray(_get(params, path))  # noqa: E731  float leaves
     H = config.head_dim
@@ -97,39 +97,39 @@ def shard_arrays(params: dict, config: ModelConfig, ffn_bounds: list[int],
     for c, v0, v1 in _chunks(vocab_bounds):
         yield f"embed/{c}/w", (embedding.slice_out(v0, v1) if quantized_embedding
                                else embedding[v0:v1])
-    if gpt2:
+    if family.learned_positions:
         yield "pos_embed/w", F("pos_embed", "embedding")
     for i in range(config.n_layers):
         L = f"L{i}"
-        yield from _norm(params, L, "attn_norm", gpt2)
+        yield from _norm(params, L, "attn_norm", family.biases)
         for name, n in (("q", config.n_heads), ("k", config.n_kv_heads), ("v", config.n_kv_heads)):
             kernel = P(L, name, "kernel")
-            bias_NH = F(L, name, "bias") if gpt2 else None
+            bias_NH = F(L, name, "bias") if family.biases else None
             for h in range(n):
                 yield f"{L}/{name}/{h}/w", (kernel.slice_out(h * H, (h + 1) * H)
                                             if isinstance(kernel, QuantizedMatrix)
                                             else np.asarray(kernel)[:, h, :])
-                if gpt2:
+                if family.biases:
                     yield f"{L}/{name}/{h}/b", bias_NH[h]
         o = P(L, "o", "kernel")
         yield f"{L}/o/w", o if isinstance(o, QuantizedMatrix) else np.asarray(o)
-        if gpt2:
+        if family.biases:
             yield f"{L}/o/b", F(L, "o", "bias")
-        yield from _norm(params, L, "ffn_norm", gpt2)
+        yield from _norm(params, L, "ffn_norm", family.biases)
         up, down = P(L, "up", "kernel"), P(L, "down", "kernel")
-        gate = None if gpt2 else P(L, "gate", "kernel")
+        gate = P(L, "gate", "kernel") if family.gated_ffn else None
         for c, f0, f1 in _chunks(ffn_bounds):
-            if not gpt2:
+            if family.gated_ffn:
                 yield f"{L}/ffn/{c}/gate", _columns(gate, f0, f1)
             yield f"{L}/ffn/{c}/up", _columns(up, f0, f1)
-            if gpt2:
+            if family.biases:
                 yield f"{L}/ffn/{c}/up_b", F(L, "up", "bias")[f0:f1]
             yield f"{L}/ffn/{c}/down", (down.slice_in(f0, f1, f"{L}/ffn/{c}/down")
                                         if isinstance(down, QuantizedMatrix)
                                         else np.asarray(down)[f0:f1])
-            if gpt2 and c == 0:
+            if family.biases and c == 0:
                 yield f"{L}/ffn/0/down_b", F(L, "down", "bias")
-    yield from _norm(params, None, "final_norm", gpt2)
+    yield from _norm(params, None, "final_norm", family.biases)
     if not config.tie_embeddings:
         head = P("head", "kernel")
         for c, v0, v1 in _chunks(vocab_bounds):
@@ -157,11 +157,11 @@ def stored_arrays(key: str, value) -> dict[str, np.ndarray]:
     return {key: np.ascontiguousarray(value, dtype=np.float32)}
 
 
-def _norm(params, layer: str | None, name: str, gpt2: bool):
+def _norm(params, layer: str | None, name: str, biases: bool):
     path = (layer, name) if layer else (name,)
     prefix = "/".join(path)
     yield f"{prefix}/w", np.asarray(_get(params, path + ("scale",)))
-    if gpt2:
+    if biases:
         yield f"{prefix}/b", np.asarray(_get(params, path + ("bias",)))
 
 
@@ -182,7 +182,7 @@ def assemble_params(arrays: dict, config: ModelConfig, ffn_bounds: list[int],
     JAX values (`params_spec` traces it for shapes). The tied embedding of an input-major format
     is assembled from the head's copy (`head/{c}`), which serves lookups and the head alike.
     """
-    gpt2 = config.family == "gpt2"
+    family = config.traits
     A = arrays.__getitem__
     n_vocab = len(vocab_bounds) - 1
     n_ffn = len(ffn_bounds) - 1
@@ -195,7 +195,7 @@ def assemble_params(arrays: dict, config: ModelConfig, ffn_bounds: list[int],
 
     def norm(prefix: str) -> dict:
         out = {"scale": A(f"{prefix}/w")}
-        if gpt2:
+        if family.biases:
             out["bias"] = A(f"{prefix}/b")
         return out
 
@@ -212,7 +212,7 @@ def assemble_params(arrays: dict, config: ModelConfig, ffn_bounds: list[int],
     embedding = (cat("head/{c}/w", n_vocab, axis=1) if head_copy
                  else cat("embed/{c}/w", n_vocab, rows=True))
     params: dict = {"embed": {"embedding": embedding}}
-    if gpt2:
+    if family.learned_positions:
         params["pos_embed"] = {"embedding": A("pos_embed/w")}
     for i in range(config.n_layers):
         L = f"L{i}"
@@ -222,16 +222,16 @@ def assemble_params(arrays: dict, config: ModelConfig, ffn_bounds: list[int],
             layer[name] = {"kernel": (QuantizedMatrix.concat_out(heads)
                                       if isinstance(heads[0], QuantizedMatrix)
                                       else xp.stack(heads, axis=1))}
-            if gpt2:
+            if family.biases:
                 layer[name]["bias"] = xp.stack([A(f"{L}/{name}/{h}/b") for h in range(n)])
         layer["o"] = {"kernel": load(f"{L}/o/w")}
-        if gpt2:
+        if family.biases:
             layer["o"]["bias"] = A(f"{L}/o/b")
-        if not gpt2:
+        if family.gated_ffn:
             layer["gate"] = {"kernel": cat(L + "/ffn/{c}/gate", n_ffn, axis=1)}
         layer["up"] = {"kernel": cat(L + "/ffn/{c}/up", n_ffn, axis=1)}
         layer["down"] = {"kernel": cat(L + "/ffn/{c}/down", n_ffn)}
-        if gpt2:
+        if family.biases:
             layer["up"]["bias"] = cat(L + "/ffn/{c}/up_b", n_ffn)
             layer["down"]["bias"] = A(f"{L}/ffn/0/down_b")
         params[L] = layer

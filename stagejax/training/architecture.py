@@ -40,8 +40,9 @@ def layer_params(c: ModelConfig) -> int:
 
 def param_counts(c: ModelConfig) -> dict:
     """{"non_embedding", "embedding", "total"} parameter counts of a Llama-family config."""
-    if c.family != "llama":
-        raise ValueError(f"param_counts covers the Llama family, got {c.family!r}")
+    if c.traits.biases or not c.traits.gated_ffn or c.traits.learned_positions:
+        raise ValueError(f"param_counts covers bias-free SwiGLU layers with rotary positions "
+                         f"(the Llama family), got the {c.family!r} family")
     non_embedding = c.n_layers * layer_params(c) + c.d_model  # + the final norm
     embedding = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
     return {"non_embedding": non_embedding, "embedding": embedding,
