@@ -40,7 +40,7 @@ from stagejax.models import ops
 # step (a multiply-reduce, ops.online_softmax_update) became a YNNPACK fusion taking 263 µs of
 # a 284 µs call; XLA's own loop fusion takes ~2 µs (SmolLM2, one head over 512 rows).
 ATTENTION_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-# Groups with at least this much of XLA temporaries in a pass have the heap trimmed after them
+# Groups with at least this much of XLA temporaries in a scoring pass have the heap trimmed after them
 # (`StagedDecoder._groups_to_trim_after`).
 TRIM_AFTER_SCRATCH_BYTES = 4 * 2**20
 
@@ -615,15 +615,19 @@ class StagedDecoder:
         state["attn"] = attn
 
     def _groups_to_trim_after(self, tokens: int, scoring: bool) -> frozenset[int]:
-        """Groups whose XLA temporaries in this pass are large enough to hand back to the OS
-        after they run. A trim costs ~0.3 ms in a SmolLM2 run: after every group of a 64-token
-        pass it halved prefill speed, after groups of MBs of temporaries it is noise."""
+        """Groups of a scoring pass whose XLA temporaries are large enough to hand back to the
+        OS after they run. Only scoring passes: a perplexity run makes hundreds of them back to
+        back, and without trims the heap grew past their plan; a trim costs more than itself —
+        the next group's temporaries fault their pages in afresh — so in prompt passes, where
+        one pass's growth is returned after it (`prefill`), trims after SmolLM2 `op`'s attention
+        groups made prefill 1.4x slower (480 tokens: 5.4 s against 3.8 s without them)."""
         key = (tokens, scoring)
         if key not in self._trim_after:
             self._trim_after[key] = frozenset(
                 gi for gi, group in enumerate(self.groups)
-                if xla_scratch_bytes(group, self.config, tokens, self.kv_block, self.cache.capacity,
-                                     scoring, self.layout) >= TRIM_AFTER_SCRATCH_BYTES)
+                if scoring and xla_scratch_bytes(group, self.config, tokens, self.kv_block,
+                                                 self.cache.capacity, scoring, self.layout)
+                >= TRIM_AFTER_SCRATCH_BYTES)
         return self._trim_after[key]
 
     # ---- the engine protocol (stagejax.engine) -----------------------------------------------

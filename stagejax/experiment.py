@@ -22,7 +22,13 @@ run directory's `phase.json`, which a job killed under a memory cap leaves behin
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
+import pickle
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -35,13 +41,15 @@ from stagejax.decode import run_generation, sampling_keys
 from stagejax.engine import ScheduleRun
 from stagejax.loading import open_model, release_freed_memory, use_one_malloc_arena
 from stagejax.evaluation import perplexity_llama_cpp, perplexity_strided, tokens_scored
-from stagejax_device.results import atomic_write_json
+from stagejax_device.results import atomic_write_json, atomic_write_text
 from stagejax.sampling import SamplingConfig
-from stagejax.scheduler import GroupPlan, streams_weights
+from stagejax.scheduler import RESIDENT_POLICIES, GroupPlan, streams_weights
 from stagejax.settings import RunSettings
 from stagejax.store import WeightStore, convert_checkpoint
 from stagejax.store.convert import resolve_cache_dir
 
+
+log = logging.getLogger(__name__)
 
 # metrics.json's table version (design §7); 2: the absolute decode peak is the headline,
 # `peak_rss_decode_bytes` became `decode_working_set_bytes` (kept as an alias), the baseline is
@@ -108,6 +116,91 @@ def record_timeline(run: ScheduleRun, position: int, token: int) -> dict:
                        "end_s": end - origin, "bytes": nbytes} for read, start, end, nbytes in log]}
 
 
+def _prepare(settings: RunSettings, progress: bool, phases=None):
+    """What the compile phase needs: the model opened, the prompt encoded (settings resolved:
+    the perplexity context), the stage shards converted (cached) and opened. Returns
+    (handle, config, prompt ids, settings, sampling, store, KV capacity)."""
+    enter = phases.enter if phases is not None else (lambda phase: None)
+    handle = open_model(settings.model.name, settings.model.path, settings.seed)
+    config = handle.config
+    ids = prompt_ids(handle.tokenizer, settings)
+    max_new = settings.decode.max_new_tokens
+    if len(ids) + max_new + 1 > config.max_seq_len:
+        raise ValueError(f"prompt of {len(ids)} tokens + decode.max_new_tokens={max_new} exceeds "
+                         f"the model's context of {config.max_seq_len} tokens")
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens: give decode.prompt some text")
+    n_ctx = settings.eval.context(config.max_seq_len) if settings.eval.ppl_chunks else None
+    settings = dataclasses.replace(settings, eval=dataclasses.replace(settings.eval, n_ctx=n_ctx))
+    sampling = SamplingConfig(settings.decode.temperature, settings.decode.top_k, settings.decode.top_p)
+
+    enter("convert")
+    checkpoint = convert_checkpoint(handle, settings.paths.cache, settings.schedule.ffn_chunks,
+                                    settings.schedule.vocab_chunk, settings.quant.scheme,
+                                    progress=progress)
+    release_freed_memory()
+    store = WeightStore(checkpoint, verify=settings.store.verify, expect_config=config,
+                        drop_page_cache=settings.store.drop_page_cache)
+    capacity = max(len(ids) + max_new + 1, n_ctx if settings.eval.ppl_chunks else 0)
+    return handle, config, ids, settings, sampling, store, capacity
+
+
+def _source_digest() -> str:
+    """sha256 of stagejax's and the runtime's Python sources: executables compiled by other
+    code are other executables."""
+    digest = hashlib.sha256()
+    for package in (Path(__file__).resolve().parent, Path(measure.__file__).resolve().parent):
+        for path in sorted(package.rglob("*.py")):
+            digest.update(path.relative_to(package).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def fill_compile_cache(settings: RunSettings) -> float | None:
+    """Compile this run's executables in a helper process, into the persistent cache, unless
+    this configuration (settings, sources, JAX version) was compiled before; returns the
+    helper's seconds (None: not needed). The run then loads every executable from the cache:
+    XLA's compiler leaves tens of MB behind in the process that compiles (SmolLM2 `atomic`:
+    a first run's baseline 38.5 MiB above a later one's), which are not the runtime's cost.
+    A helper that fails is reported and the run compiles for itself."""
+    key = hashlib.sha256("\n".join([
+        json.dumps(dataclasses.asdict(settings), sort_keys=True, default=str),
+        jax.__version__, _source_digest()]).encode()).hexdigest()[:32]
+    marker = resolve_cache_dir(settings.paths.cache) / "xla" / "compiled" / key
+    if marker.exists():
+        return None
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="stagejax-compile-") as scratch:
+        job = Path(scratch) / "settings.pkl"
+        job.write_bytes(pickle.dumps(settings))
+        done = subprocess.run([sys.executable, "-m", "stagejax.experiment", "--fill-compile-cache",
+                               str(job)], capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        log.warning("compiling in a helper process failed (%s); compiling in this one",
+                    lines[-1] if lines else f"exit code {done.returncode}")
+        return None
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, json.dumps({"model": settings.model.name,
+                                          "schedule": settings.schedule.policy}) + "\n")
+    return time.perf_counter() - start
+
+
+def _compile_only(job: Path) -> None:
+    """The helper of `fill_compile_cache`: the run's compile phase, and nothing after it."""
+    settings = pickle.loads(job.read_bytes())
+    compile_cache.use_persistent_cache(resolve_cache_dir(settings.paths.cache))
+    use_one_malloc_arena()
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    handle, _, ids, settings, sampling, store, capacity = _prepare(settings, progress=False)
+    try:
+        run = ScheduleRun(settings, handle, store, capacity, len(ids), sampling)
+        sampling_keys(settings.seed, settings.decode.max_new_tokens)
+        run.close()
+    finally:
+        store.close()
+
+
 def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = True,
                    on_decode_start: Callable[[int], None] | None = None) -> dict:
     """Run the configured job and write `metrics.json` (atomically) into `out_dir`.
@@ -127,28 +220,16 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
     peak = measure.PeakRss()
     wall_start = time.perf_counter()
 
-    handle = open_model(settings.model.name, settings.model.path, settings.seed)
-    config = handle.config
-    ids = prompt_ids(handle.tokenizer, settings)
+    prepared = _prepare(settings, progress, phases)
+    handle, config, ids, settings, sampling, store, capacity = prepared
+    checkpoint = store.path
     max_new = settings.decode.max_new_tokens
-    if len(ids) + max_new + 1 > config.max_seq_len:
-        raise ValueError(f"prompt of {len(ids)} tokens + decode.max_new_tokens={max_new} exceeds "
-                         f"the model's context of {config.max_seq_len} tokens")
-    if not ids:
-        raise ValueError("the prompt encodes to no tokens: give decode.prompt some text")
-    n_ctx = settings.eval.context(config.max_seq_len) if settings.eval.ppl_chunks else None
-    settings = dataclasses.replace(settings, eval=dataclasses.replace(settings.eval, n_ctx=n_ctx))
-    sampling = SamplingConfig(settings.decode.temperature, settings.decode.top_k, settings.decode.top_p)
-
-    phases.enter("convert")
-    checkpoint = convert_checkpoint(handle, settings.paths.cache, settings.schedule.ffn_chunks,
-                                    settings.schedule.vocab_chunk, settings.quant.scheme,
-                                    progress=progress)
-    release_freed_memory()
-    store = WeightStore(checkpoint, verify=settings.store.verify, expect_config=config,
-                        drop_page_cache=settings.store.drop_page_cache)
-    capacity = max(len(ids) + max_new + 1, n_ctx if settings.eval.ppl_chunks else 0)
+    n_ctx = settings.eval.n_ctx
     phases.enter("compile")
+    # The resident plan's few executables leave nothing measurable behind (SmolLM2 `model`: a
+    # compiling run's baseline 334.5 MiB, a cached one's 334.7): only streamed plans need it.
+    helper_s = (fill_compile_cache(settings) if settings.compile_cache and settings.compile_in_helper
+                and settings.schedule.policy not in RESIDENT_POLICIES else None)
     compiled_from = compile_cache.counters()
     run = ScheduleRun(settings, handle, store, capacity, len(ids), sampling, progress)
     keys = sampling_keys(settings.seed, max_new)  # compiles: before the baseline
@@ -203,6 +284,7 @@ def run_experiment(settings: RunSettings, out_dir: str | Path, progress: bool = 
         "n_stages": run.n_stages,
         "n_groups": run.n_groups,
         "compile_s": run.compile_s,
+        "compile_helper_s": helper_s,
         "compile_trace_s": compiled.trace_s, "compile_lower_s": compiled.lower_s,
         "compile_backend_s": compiled.backend_s, "compile_cache_hits": compiled.cache_hits,
         "compile_cache_misses": compiled.cache_misses,
@@ -323,3 +405,10 @@ def format_summary(metrics: dict) -> str:
                      f"({metrics['ppl_chunks']} chunks of {metrics['n_ctx']} tokens, "
                      f"{metrics['ppl_procedure']})")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "--fill-compile-cache":
+        raise SystemExit("usage: python -m stagejax.experiment --fill-compile-cache SETTINGS.pkl "
+                         "(the helper of fill_compile_cache)")
+    _compile_only(Path(sys.argv[2]))

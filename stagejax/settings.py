@@ -257,6 +257,11 @@ class RunSettings:
     export: ExportSettings = dataclasses.field(default_factory=ExportSettings)
     seed: int = 0
     compile_cache: bool = True  # keep compiled executables under paths.cache/xla for later runs
+    # With the cache: compile a streamed plan's configuration the cache has not seen in a helper
+    # process first, so the run itself loads its executables; XLA's compiler leaves tens of MB
+    # behind in the process that compiles, which would sit in the run's baseline
+    # (stagejax.experiment.fill_compile_cache).
+    compile_in_helper: bool = True
     # Executables compiled at once (staged plans): faster start-up on several cores, at the cost
     # of concurrent compiles' temporaries in the start-up's high-water RSS; 1 keeps it lowest.
     compile_workers: int = 1

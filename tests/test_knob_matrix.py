@@ -224,9 +224,13 @@ def test_perplexity_stays_within_its_planned_passes(scored_runs):
 
 
 def test_a_second_identical_run_compiles_from_the_persistent_cache(scored_runs):
+    """The first run compiles in a helper process and loads what it compiled (the compiler's
+    leftovers stay out of the run's baseline); the second finds it all cached, helper and all."""
     first, second = scored_runs
-    assert first["compile_cache_misses"] > 0
-    assert second["compile_cache_hits"] > 0 and second["compile_cache_misses"] == 0
+    assert first["compile_helper_s"] is not None and second["compile_helper_s"] is None
+    for metrics in scored_runs:
+        assert metrics["compile_cache_hits"] > 0 and metrics["compile_cache_misses"] == 0
+        assert metrics["ppl_compile_cache_misses"] == 0
     assert second["n_executables"] == first["n_executables"]
     assert second["ppl"] == first["ppl"]
     for metrics in scored_runs:  # the 64-token passes are planned beside the decode steps
