@@ -71,7 +71,7 @@ def _apply(module, params: dict, method, *args):
 def _norm(config, x, weights, name: str):
     """A layer's norm (`attn_norm`, `ffn_norm`) or the final one, by the model's module."""
     if name == "final_norm":
-        return _apply(Decoder(config), {name: _norm_params(weights)}, Decoder.final, x)
+        return _apply(Decoder(config, with_layers=False), {name: _norm_params(weights)}, Decoder.final, x)
     method = Block.attention_input if name == "attn_norm" else Block.ffn_input
     return _apply(Block(config), {name: _norm_params(weights)}, method, x)
 
@@ -102,7 +102,8 @@ def embed_fn(config, state, weights, ctx, index):
     if "pos_rows" in weights:
         params["pos_embed"] = {"embedding": weights["pos_rows"]}
     own = jnp.arange(t, dtype=jnp.int32)[None]
-    x = _apply(Decoder(config, vocab_rows=t, position_rows=t), params, Decoder.embed_tokens, own, own)
+    x = _apply(Decoder(config, vocab_rows=t, position_rows=t, with_layers=False), params,
+               Decoder.embed_tokens, own, own)
     return {**state, "x": x.astype(state["x"].dtype)}
 
 
@@ -241,7 +242,8 @@ def _head_logits(config, h_TD, weights):
         matrix = _matrix(weights, "w")
         rows = _out_dim(matrix)
         params = {"embed": {"embedding": matrix}} if config.tie_embeddings else {"head": {"kernel": matrix}}
-    return _apply(Decoder(config, vocab_rows=rows), params, Decoder.logits, h_TD[None])[0]
+    return _apply(Decoder(config, vocab_rows=rows, with_layers=False), params, Decoder.logits,
+                  h_TD[None])[0]
 
 
 def head_fn(config, state, weights, ctx, index):

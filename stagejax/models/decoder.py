@@ -166,6 +166,9 @@ class Decoder(nn.Module):
     kv_dtype: str = "float32"  # see Block
     vocab_rows: int | None = None
     position_rows: int | None = None  # learned position rows held (default: max_seq_len)
+    # False: an instance for the embedding, final norm and head alone (a stage's), without
+    # the layers' modules (setting up 30 `Block`s per head chunk traced cost SmolLM2 ~1 s).
+    with_layers: bool = True
 
     def setup(self):
         c = self.config
@@ -174,7 +177,8 @@ class Decoder(nn.Module):
         if c.traits.learned_positions:
             self.pos_embed = nn.Embed(self.position_rows or c.max_seq_len, c.d_model,
                                       embedding_init=nn.initializers.normal(INIT_STDDEV))
-        self.layers = [Block(c, self.kv_dtype, name=f"L{i}") for i in range(c.n_layers)]
+        self.layers = ([Block(c, self.kv_dtype, name=f"L{i}") for i in range(c.n_layers)]
+                       if self.with_layers else [])
         self.final_norm = Norm(c.d_model, c.norm_eps, c.traits.norm)
         if not c.tie_embeddings:
             self.head = Einsum((c.d_model, rows), "BTD,DV->BTV")
