@@ -94,3 +94,18 @@ def test_no_module_outside_the_families_branches_on_a_family():
 def test_the_family_check_finds_branches():
     source = 'def f(config):\n    if config.family == "gpt2":\n        pass\n    x = "llama" in y\n'
     assert family_branches(source) == [2, 4]
+
+
+def test_a_parameter_of_the_wrong_shape_names_it():
+    """Stored parameters skip Flax's initializer trace but keep its shape check."""
+    import jax.numpy as jnp
+    import pytest
+
+    from stagejax.models.layers import Einsum
+
+    layer = Einsum((4, 3), "BTD,DF->BTF", bias_shape=(3,))
+    x = jnp.ones((1, 2, 4))
+    good = {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros((3,))}
+    assert layer.apply({"params": good}, x).shape == (1, 2, 3)
+    with pytest.raises(ValueError, match=r"bias: parameter of shape \(4,\) .* needs \(3,\)"):
+        layer.apply({"params": {**good, "bias": jnp.zeros((4,))}}, x)

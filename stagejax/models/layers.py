@@ -24,12 +24,26 @@ INIT_STDDEV = 0.02
 HEAD_DEQUANT_COLUMNS = 8192
 
 
-def matrix_param(module: nn.Module, name: str, init, shape, dtype):
-    """`module.param(name, ...)`, or the `QuantizedMatrix` the caller's parameters hold there.
+def stored_param(module: nn.Module, name: str, init, shape, dtype):
+    """`module.param(name, init, shape, dtype)`, checked against the shape without running the
+    initializer when the caller's parameters hold it.
 
-    Flax checks a parameter's shape against its initializer's; a quantized matrix has other
-    leaves, so it is fetched directly and its logical size checked here instead.
+    Flax's own check traces the initializer (`jax.eval_shape`) on every apply; a stage applies
+    its module once per traced stage, hundreds of times per plan, and that trace was a third of
+    a streamed plan's tracing time.
     """
+    if not module.has_variable("params", name):
+        return module.param(name, init, tuple(shape), dtype)
+    value = module.get_variable("params", name)
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{module.name}/{name}: parameter of shape {tuple(value.shape)} given where "
+                         f"the model needs {tuple(shape)}; check the checkpoint's config")
+    return value
+
+
+def matrix_param(module: nn.Module, name: str, init, shape, dtype):
+    """`stored_param`, or the `QuantizedMatrix` the caller's parameters hold there (its leaves
+    have other shapes, so its logical size is checked instead)."""
     if module.has_variable("params", name):
         value = module.get_variable("params", name)
         if isinstance(value, QuantizedMatrix):
@@ -37,7 +51,7 @@ def matrix_param(module: nn.Module, name: str, init, shape, dtype):
                 raise ValueError(f"{module.name}/{name}: quantized matrix [{value.in_dim}, "
                                  f"{value.out_dim}] does not hold a parameter of shape {tuple(shape)}")
             return value
-    return module.param(name, init, tuple(shape), dtype)
+    return stored_param(module, name, init, shape, dtype)
 
 
 class Einsum(nn.Module):
@@ -52,8 +66,8 @@ class Einsum(nn.Module):
         self._kernel = matrix_param(self, "kernel", nn.initializers.normal(INIT_STDDEV),
                                     self.shape, self.param_dtype)
         if self.bias_shape is not None:
-            self._bias = self.param("bias", nn.initializers.zeros, tuple(self.bias_shape),
-                                    self.param_dtype)
+            self._bias = stored_param(self, "bias", nn.initializers.zeros, self.bias_shape,
+                                      self.param_dtype)
 
     def kernel(self, after=None):
         """The kernel as a float array of `shape` (dequantized if stored quantized, once
@@ -82,10 +96,10 @@ class Norm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.initializers.ones, (self.dim,), self.param_dtype)
+        scale = stored_param(self, "scale", nn.initializers.ones, (self.dim,), self.param_dtype)
         if self.kind == "rms":
             return ops.rms_norm(x, scale, self.eps)
-        bias = self.param("bias", nn.initializers.zeros, (self.dim,), self.param_dtype)
+        bias = stored_param(self, "bias", nn.initializers.zeros, (self.dim,), self.param_dtype)
         return ops.layer_norm(x, scale, bias, self.eps)
 
 
