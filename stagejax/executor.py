@@ -30,7 +30,7 @@ from stagejax.model_config import ModelConfig
 from stagejax.sampling import SamplingConfig, sample_token
 from stagejax.scheduler import (Group, GroupPlan, MemoryModel, group_stages, kv_flush_points,
                                 streams_weights, xla_scratch_bytes)
-from stagejax.stage_kinds import KINDS, attention_block_step, kv_groups_of
+from stagejax.stage_kinds import KINDS, attention_block_step, kv_groups_of, StageCalls
 from stagejax.stages import (ChunkLayout, Stage, build_stages, init_state, scored_nll,
                              stage_index_value)
 from stagejax.models import ops
@@ -187,6 +187,8 @@ class StagedDecoder:
         self._specs: dict[int, tuple] = {}  # argument specs, by id() of the kept executable
         self._group_exe: dict[tuple[int, int, bool], Callable] = {}
         self._state_specs: dict[tuple[int, bool], dict] = {}
+        # each distinct stage signature of the fused groups traced once
+        self._stage_calls = StageCalls(config), StageCalls(config, nested=False)
         self.sampling = sampling
         self.sampler = sampler_program(config, sampling)
         self._sample = self.sampler.jit()
@@ -277,6 +279,7 @@ class StagedDecoder:
         if signature in self._executables:
             return self._executables[signature]
         config, order, kv_dtype = self.config, self.kv_layout.order, self.kv_layout.dtype
+        stage_calls = self._stage_calls[len(group.stages) == 1]
         kv_slots = {layer: slot for slot, layer in enumerate(group.kv_layers)}
         stage_slots = [kv_slots.get(s.layer) for s in group.stages]
 
@@ -299,8 +302,9 @@ class StagedDecoder:
                 if j in whole_layer:
                     past_k, past_v = stored_kv(past[stage_slots[j]], order, kv_dtype, 0,
                                                config.n_kv_heads)
-                    state = KINDS[kind].layer_fn(config, state, {"past_k": past_k, "past_v": past_v,
-                                                                 "kv_dtype": kv_dtype}, ctx, index[j])
+                    state = stage_calls(kind, state, {"past_k": past_k, "past_v": past_v,
+                                                      "kv_dtype": kv_dtype}, ctx, index[j],
+                                        whole_layer=True)
                     skip = n_heads - 1
                     continue
                 if KINDS[kind].reads_kv:
@@ -310,7 +314,7 @@ class StagedDecoder:
                 else:
                     w = dict(zip(names, weights[position:position + len(names)]))
                     position += len(names)
-                state = KINDS[kind].fn(config, state, w, ctx, index[j])
+                state = stage_calls(kind, state, w, ctx, index[j])
             return {e: state[e] for e in written}
 
         past_spec = tuple(self._host_specs(None, self.cache.capacity) for _ in group.kv_layers)

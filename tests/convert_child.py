@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
+import signal
 import threading
 import time
 from pathlib import Path
@@ -37,6 +39,7 @@ def many_arrays_handle():
 
 
 def main():
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test that waits too long asks
     parser = argparse.ArgumentParser()
     parser.add_argument("cache")
     parser.add_argument("--hold")

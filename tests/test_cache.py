@@ -51,9 +51,21 @@ def debris(cache: Path) -> list[str]:
     return [name for name in entries(cache) if name.startswith(".")]
 
 
-def start_child(cache: Path, *args) -> subprocess.Popen:
+def start_child(cache: Path, *args, stderr=subprocess.PIPE) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(CHILD), str(cache), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=stderr, text=True)
+
+
+def exit_status(child: subprocess.Popen, stderr_path: Path, timeout_s: float) -> int:
+    """The child's exit status; if it has not exited in `timeout_s`, fail with every thread's
+    stack (its faulthandler prints them on SIGUSR1) and what else it wrote to stderr."""
+    try:
+        return child.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        child.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        pytest.fail(f"the child did not exit in {timeout_s:.0f} s; its stderr, with its "
+                    f"threads' stacks:\n{stderr_path.read_text()[-8000:]}")
 
 
 def read_until(stream, text: str) -> list[str]:
@@ -93,13 +105,16 @@ def test_an_interrupted_conversion_leaves_nothing_behind(tmp_path, sig, point):
     checksummed): no temporary, lock or half checkpoint survives the process."""
     cache = tmp_path / "cache"
     # "save": the writer stalls after orbax's files are written, so the signal cannot come late
-    child = start_child(cache, *(["--stall-after-save"] if point == "save" else []))
+    stderr_path = tmp_path / "child-stderr.txt"
+    with stderr_path.open("w") as stderr:  # a file: an unread pipe that fills would block it
+        child = start_child(cache, *(["--stall-after-save"] if point == "save" else []),
+                            stderr=stderr)
     try:
         read_until(child.stdout, "saved" if point == "save" else "checksum")
         if point == "save":
             assert orbax_files(cache) >= 100, "orbax wrote nothing"
         child.send_signal(sig)
-        assert child.wait(timeout=60) == -sig
+        assert exit_status(child, stderr_path, timeout_s=120) == -sig
     finally:
         child.kill()
     # The reaper (or, for SIGINT, the process itself) removes the temporary and the lock file.
