@@ -40,6 +40,10 @@ def many_arrays_handle():
 
 def main():
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test that waits too long asks
+    # Ctrl-C as in a terminal: a shell without job control starts background commands with
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler (the test's signal
+    # would be lost wherever its runner was started that way).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = argparse.ArgumentParser()
     parser.add_argument("cache")
     parser.add_argument("--hold")
