@@ -187,8 +187,9 @@ class StagedDecoder:
         self._specs: dict[int, tuple] = {}  # argument specs, by id() of the kept executable
         self._group_exe: dict[tuple[int, int, bool], Callable] = {}
         self._state_specs: dict[tuple[int, bool], dict] = {}
-        # each distinct stage signature of the fused groups traced once
-        self._stage_calls = StageCalls(config), StageCalls(config, nested=False)
+        # fused groups trace each distinct stage signature once; one-stage groups call it directly
+        self._fused_stage_calls = StageCalls(config)
+        self._single_stage_calls = StageCalls(config, nested=False)
         self.sampling = sampling
         self.sampler = sampler_program(config, sampling)
         self._sample = self.sampler.jit()
@@ -279,7 +280,8 @@ class StagedDecoder:
         if signature in self._executables:
             return self._executables[signature]
         config, order, kv_dtype = self.config, self.kv_layout.order, self.kv_layout.dtype
-        stage_calls = self._stage_calls[len(group.stages) == 1]
+        stage_calls = (self._single_stage_calls if len(group.stages) == 1
+                       else self._fused_stage_calls)
         kv_slots = {layer: slot for slot, layer in enumerate(group.kv_layers)}
         stage_slots = [kv_slots.get(s.layer) for s in group.stages]
 

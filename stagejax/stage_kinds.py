@@ -523,7 +523,6 @@ KINDS: dict[str, StageKind] = {kind.name: kind for kind in (
 )}
 
 
-
 class StageCalls:
     """The stages of one decoder's groups as called inside their traced group functions: each
     a nested `jax.jit`, so that each distinct signature (kind, entries' shapes) is traced and
