@@ -18,6 +18,7 @@ other stages) + the weights of the next `prefetch_depth` units being read ahead.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Sequence
 
 from stagejax.model_config import ModelConfig
@@ -29,7 +30,6 @@ FIXED_POLICIES = ("atomic", "op", "layer", "model")
 RESIDENT_POLICIES = ("model",)  # plans whose one group holds every weight, loaded once
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Group:
     """Consecutive stages run as one jitted unit."""
@@ -37,12 +37,14 @@ class Group:
     stages: tuple[Stage, ...]
     resident: bool = False  # its weights are loaded once and held (the `model` plan), not streamed
 
-    @property
+    # The plan's accounting and the executor's compile ask these of every group several times
+    # (SmolLM2 `atomic`: ~35,000 `kind` lookups per run); a frozen group's answers never change.
+    @functools.cached_property
     def id(self) -> str:
         first, last = self.stages[0].id, self.stages[-1].id
         return first if first == last else f"{first}..{last}"
 
-    @property
+    @functools.cached_property
     def kind(self) -> str:
         """"embed" (an `on_demand` kind's stage: rows read as it runs), "attn_blocks" (`reads_kv`
         stages only, of one layer: loops over KV blocks) or "fused"."""
@@ -53,12 +55,19 @@ class Group:
             return "attn_blocks"
         return "fused"
 
-    @property
+    @functools.cached_property
     def weight_keys(self) -> tuple[str, ...]:
         return tuple(k for s in self.stages for k in s.weight_keys)
 
     def state_entries(self, scoring: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(written, read-only) activation entries, in a stable order."""
+        return self._state_entries[scoring]
+
+    @functools.cached_property
+    def _state_entries(self) -> dict[bool, tuple[tuple[str, ...], tuple[str, ...]]]:
+        return {scoring: self._entries_of_pass(scoring) for scoring in (False, True)}
+
+    def _entries_of_pass(self, scoring: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
         written, read = [], []
         for s in self.stages:
             kind = KINDS[s.kind]
@@ -67,7 +76,7 @@ class Group:
         read_only = tuple(e for e in read if e not in written)
         return tuple(written), read_only
 
-    @property
+    @functools.cached_property
     def kv_layers(self) -> tuple[int, ...]:
         """Layers whose past KV this group reads."""
         return tuple(sorted({s.layer for s in self.stages if KINDS[s.kind].reads_kv}))
