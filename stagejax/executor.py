@@ -92,6 +92,13 @@ def sampler_program(config: ModelConfig, sampling: SamplingConfig) -> Program:
                     jax.ShapeDtypeStruct((2,), jnp.uint32)))
 
 
+def _memo(cache: dict, key, make: Callable):
+    """cache[key], made by make(key) the first time."""
+    if key not in cache:
+        cache[key] = make(key)
+    return cache[key]
+
+
 def _leaf(key: str) -> str:
     return key.rsplit("/", 1)[1]
 
@@ -167,14 +174,18 @@ class StagedDecoder:
         # Consecutive small units are read together into one slab: fewer thread hand-offs.
         self.prefetcher = CoalescingPrefetcher(store, self._units, prefetch_depth, reader,
                                                native_dir=native_dir)
-        self._index = [jnp.asarray([stage_index_value(s, layout) for s in g.stages], jnp.int32)
+        # Device arrays made once per distinct value: an atomic plan's ~1,150 groups repeat a
+        # few dozen, and each array made eagerly costs ~0.1 ms.
+        index_arrays: dict[tuple[int, ...], jax.Array] = {}
+        self._index = [_memo(index_arrays, tuple(stage_index_value(s, layout) for s in g.stages),
+                             lambda values: jnp.asarray(values, jnp.int32))
                        for g in self.groups]
         # Per-group facts the hot loop needs, computed once (Group's properties recompute).
         self._facts = [_GroupFacts(g.kind, g.weight_keys, g.state_entries(False),
                                    g.state_entries(True), g.kv_layers, self.flush_points.get(i, ()))
                        for i, g in enumerate(self.groups)]
-        self._first_head = [jnp.int32(g.stages[0].index) for g in self.groups]
         self._ints: dict[int, jax.Array] = {}
+        self._first_head = [self._int(g.stages[0].index) for g in self.groups]
         self._embed_rows: dict[int, np.ndarray] = {}
         self.kv_wait_s = 0.0
         # Instrumented passes: called after each group with (index, group, start, end, wait)
@@ -461,9 +472,7 @@ class StagedDecoder:
     def _int(self, value: int) -> jax.Array:
         """A cached int32 scalar: only for the few values passes repeat (the last real token
         of a pass, KV block offsets), not for positions."""
-        if value not in self._ints:
-            self._ints[value] = jnp.int32(value)
-        return self._ints[value]
+        return _memo(self._ints, value, jnp.int32)
 
     def _state(self, tokens: int, scoring: bool) -> dict:
         key = (tokens, scoring)
