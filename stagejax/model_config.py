@@ -31,16 +31,39 @@ class ModelConfig:
     tie_embeddings: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # Mixture of experts: every layer's FFN is `n_experts` SwiGLU experts of `ffn_dim` columns,
+    # `experts_per_token` of them routed per token (`models.moe`); dense: both 1.
+    n_experts: int = 1
+    experts_per_token: int = 1
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                     "ffn_dim", "max_seq_len"):
+                     "ffn_dim", "max_seq_len", "n_experts", "experts_per_token"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of "
                              f"n_kv_heads ({self.n_kv_heads})")
+        if self.experts_per_token > self.n_experts:
+            raise ValueError(f"ModelConfig.experts_per_token ({self.experts_per_token}) exceeds "
+                             f"n_experts ({self.n_experts})")
         self.traits.check(self)
+        if self.is_moe and not self.traits.gated_ffn:
+            raise ValueError(f"mixture-of-experts layers are SwiGLU experts; the {self.family!r} "
+                             f"family's FFN is {self.traits.ffn}")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 1
+
+    def require_dense(self, what: str) -> None:
+        """Refuse a mixture-of-experts config where only dense FFNs are implemented."""
+        if self.is_moe:
+            raise ValueError(
+                f"{what} runs dense FFNs only, and this model has {self.n_experts} experts per "
+                f"layer ({self.experts_per_token} per token): mixture-of-experts models train and "
+                f"are evaluated monolithically (stagejax.training); expert stages for the staged "
+                f"path and its checkpoints do not exist")
 
     @property
     def traits(self):
@@ -58,7 +81,12 @@ class ModelConfig:
         return self.n_heads // self.n_kv_heads
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config's fields; a dense model's without the expert counts, so that dense
+        checkpoints' manifests read the same as before the counts existed."""
+        data = dataclasses.asdict(self)
+        if not self.is_moe:
+            del data["n_experts"], data["experts_per_token"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":

@@ -98,6 +98,7 @@ def build_stages(config: ModelConfig, layout: ChunkLayout, stored=None) -> list[
     stored as several arrays (`L0/q/3/w_i4` + `L0/q/3/w_scale`, see `stagejax.quant`); with
     `stored`, each stage lists the arrays it reads. Without it, the float32 keys.
     """
+    config.require_dense("The staged path")
     stages = _float_stages(config, layout)
     if stored is None:
         return stages

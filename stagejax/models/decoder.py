@@ -6,7 +6,8 @@ Parameter tree (the names the stage shards and importers use):
   L{i}/attn_norm/{scale,bias}; L{i}/q/kernel [D, N, H]; L{i}/k/kernel, L{i}/v/kernel [D, K, H]
   (with biases: plus bias [N, H] / [K, H]); L{i}/o/kernel [N, H, D] (+ bias [D]);
   L{i}/ffn_norm/{scale,bias}; L{i}/gate/kernel [D, F] (SwiGLU); L{i}/up/kernel [D, F]
-  (+ bias [F]); L{i}/down/kernel [F, D] (+ bias [D]); final_norm/{scale,bias};
+  (+ bias [F]); L{i}/down/kernel [F, D] (+ bias [D]); mixture of experts: L{i}/router/kernel
+  [D, E] and gate/up [E, D, F], down [E, F, D]; final_norm/{scale,bias};
   head/kernel [D, V] when the head is not tied.
 
 KV cache: a tuple with one (k_BKSH, v_BKSH) pair per layer, keys stored after RoPE — kv-head
@@ -22,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from stagejax.models import ops
+from stagejax.models import moe, ops
 from stagejax.model_config import ModelConfig
 from stagejax.models.layers import INIT_STDDEV, Einsum, Embed, Norm
 
@@ -71,6 +72,13 @@ class Block(nn.Module):
         self.v = Einsum((c.d_model, k, c.head_dim), "BTD,DKH->BTKH", bias(k, c.head_dim))
         self.o = Einsum((c.n_heads, c.head_dim, c.d_model), "BTNH,NHD->BTD", bias(c.d_model))
         self.ffn_norm = Norm(c.d_model, c.norm_eps, family.norm)
+        if c.is_moe:  # E experts side by side; the router picks K per token
+            e = c.n_experts
+            self.router = Einsum((c.d_model, e), "BTD,DE->BTE")
+            self.gate = Einsum((e, c.d_model, f), "BTD,EDF->BTEF")
+            self.up = Einsum((e, c.d_model, f), "BTD,EDF->BTEF")
+            self.down = Einsum((e, f, c.d_model), "BTEF,EFD->BTED")
+            return
         if family.gated_ffn:
             self.gate = Einsum((c.d_model, f), "BTD,DF->BTF")
         self.up = Einsum((c.d_model, f), "BTD,DF->BTF", bias(f))
@@ -119,11 +127,26 @@ class Block(nn.Module):
     def ffn(self, h_BTD):
         """The FFN over this instance's columns: the residual's update [B, T, D] (chunks'
         updates sum to the whole FFN's)."""
+        if self.config.is_moe:
+            return self.experts(h_BTD)
         if self.config.traits.gated_ffn:
             return ops.swiglu(h_BTD, self.gate.kernel(h_BTD), self.up.kernel(h_BTD),
                               self.down.kernel(h_BTD))
         y_BTD = ops.gelu_mlp(h_BTD, self.up.kernel(h_BTD), self.up.bias(), self.down.kernel(h_BTD))
         return y_BTD + self.down.bias() if self.ffn_down_bias and self.config.traits.biases else y_BTD
+
+    def experts(self, h_BTD):
+        """The mixture-of-experts FFN: each token through its K routed experts (`models.moe`).
+        Sows the layer's load-balancing loss in the "intermediates" collection (read by training
+        with `mutable=["intermediates"]`; ignored otherwise)."""
+        b, t, d = h_BTD.shape
+        h_TD = h_BTD.reshape(b * t, d)
+        experts_TK, gates_TK, probs_TE = moe.route(self.router(h_TD[None])[0],
+                                                   self.config.experts_per_token)
+        self.sow("intermediates", "load_balancing_loss", moe.load_balancing_loss(probs_TE, experts_TK))
+        y_TD = moe.expert_swiglu(h_TD, experts_TK, gates_TK, self.gate.kernel(), self.up.kernel(),
+                                 self.down.kernel())
+        return y_TD.reshape(b, t, d)
 
     # ---- the whole layer ------------------------------------------------------------------------
 

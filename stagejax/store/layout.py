@@ -85,6 +85,7 @@ def shard_arrays(params: dict, config: ModelConfig, ffn_bounds: list[int],
     Yields float arrays (views where the source is already contiguous; the caller copies) or
     `QuantizedMatrix` slices; `stored_arrays` turns either into the arrays to save.
     """
+    config.require_dense("Stage shards")
     family = config.traits
     P = lambda *path: _get(params, path)  # noqa: E731
     F = lambda *path: np.asarray(_get(params, path))  # noqa: E731  float leaves

@@ -33,7 +33,9 @@ def _check_fraction(field: str, value, *, closed_right: bool = False):
 @dataclasses.dataclass
 class ArchSettings:
     """A Llama-family architecture point of the sweep (the vocabulary comes from the tokenizer,
-    the context length from `data.seq_len`)."""
+    the context length from `data.seq_len`). With `n_experts` > 1 every FFN is a mixture of
+    `n_experts` SwiGLU experts, `top_k` routed per token, each of width ffn_ratio / top_k x
+    d_model: `ffn_ratio` is the paper's r, the FFN ratio summed over the active experts."""
 
     name: str = "q04"
     d_model: int = 64
@@ -46,9 +48,13 @@ class ArchSettings:
     tie_embeddings: bool = True  # the LM head reuses the embedding, as in SmolLM2
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    n_experts: int = 1
+    top_k: int = 1  # experts per token
+    load_balance_coef: float = 0.01  # weight of the load-balancing loss (Switch's 1e-2)
 
     def __post_init__(self):
-        for field in ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_ratio", "ffn_multiple"):
+        for field in ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_ratio", "ffn_multiple",
+                      "n_experts", "top_k"):
             _check_positive(f"model.{field}", getattr(self, field))
         if self.head_dim is not None:
             _check_positive("model.head_dim", self.head_dim)
@@ -58,6 +64,10 @@ class ArchSettings:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model.n_heads ({self.n_heads}) must be a multiple of "
                              f"model.n_kv_heads ({self.n_kv_heads})")
+        if self.top_k > self.n_experts:
+            raise ValueError(f"model.top_k ({self.top_k}) exceeds model.n_experts ({self.n_experts})")
+        if self.load_balance_coef < 0:
+            raise ValueError(f"model.load_balance_coef must be >= 0, got {self.load_balance_coef}")
         if self.resolved_head_dim % 2:
             raise ValueError(f"RoPE needs an even head dimension, got {self.resolved_head_dim} "
                              "(model.head_dim or d_model // n_heads)")
@@ -68,8 +78,9 @@ class ArchSettings:
 
     @property
     def ffn_dim(self) -> int:
+        """Columns of one expert's FFN (the whole FFN's when dense)."""
         m = self.ffn_multiple
-        return max(m, int(round(self.ffn_ratio * self.d_model / m)) * m)
+        return max(m, int(round(self.ffn_ratio / self.top_k * self.d_model / m)) * m)
 
 
 @dataclasses.dataclass

@@ -46,7 +46,8 @@ from stagejax.training.tokenizer_train import TokenizedCorpus, load_corpus
 _EXECUTABLES: dict = {}
 _EXECUTABLES_KEPT = 2
 
-HISTORY_FIELDS = ("step", "tokens", "lr", "loss", "grad_norm", "valid_loss", "elapsed_s")
+HISTORY_FIELDS = ("step", "tokens", "lr", "loss", "load_balance", "grad_norm", "valid_loss",
+                  "elapsed_s")
 
 
 def total_steps(settings: TrainSettings) -> int:
@@ -81,6 +82,13 @@ def token_nll(logits_BTV, targets_BT):
     # A one-hot contraction rather than take_along_axis: its gradient is a dense multiply
     # instead of a scatter, ~1.4x faster per step here at V = 4096.
     return -jnp.sum(ops.log_softmax(logits_BTV) * jax.nn.one_hot(targets_BT, vocab), axis=-1)
+
+
+def load_balance(sown: dict):
+    """The mean over layers of the load-balancing losses the layers sowed (`Block.experts`);
+    0 for a dense model."""
+    losses = jax.tree.leaves(sown.get("intermediates", {}))
+    return jnp.mean(jnp.stack(losses)) if losses else jnp.zeros((), jnp.float32)
 
 
 class Trainer:
@@ -121,7 +129,8 @@ class Trainer:
         and step count (the schedule's length)."""
         s = self.settings
         return json.dumps([dataclasses.asdict(self.config), dataclasses.asdict(s.data),
-                           dataclasses.asdict(s.optim), self.steps], sort_keys=True)
+                           dataclasses.asdict(s.optim), s.model.load_balance_coef, self.steps],
+                          sort_keys=True)
 
     def abstract_state(self) -> dict:
         """Shapes and dtypes of the state (a tree of `jax.ShapeDtypeStruct`), nothing computed."""
@@ -139,18 +148,24 @@ class Trainer:
     def _compile_train_step(self):
         model, optimizer, schedule = self.model, self.optimizer, self.schedule
 
+        balance_coef = self.settings.model.load_balance_coef
+
         def loss_fn(params, inputs_BT, targets_BT):
-            logits_BTV, _ = model.apply({"params": params}, inputs_BT)
-            return jnp.mean(token_nll(logits_BTV, targets_BT))
+            (logits_BTV, _), sown = model.apply({"params": params}, inputs_BT,
+                                                mutable=["intermediates"])
+            nll = jnp.mean(token_nll(logits_BTV, targets_BT))
+            balance = load_balance(sown)
+            return nll + balance_coef * balance, (nll, balance)
 
         def train_step(state, inputs_BT, targets_BT):
-            loss, grads = jax.value_and_grad(loss_fn)(state["params"], inputs_BT, targets_BT)
+            (_, (loss, balance)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state["params"], inputs_BT, targets_BT)
             updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
             new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
             # The rate this update used (optax's count equals our step), computed here rather
             # than eagerly on the host, where each schedule call would dispatch jax ops.
-            stats = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+            stats = {"loss": loss, "load_balance": balance, "grad_norm": optax.tree.norm(grads),
                      "lr": schedule(state["step"])}
             return new_state, stats
 
@@ -181,7 +196,8 @@ class Trainer:
         return compiled
 
     def step(self, state: dict, inputs_BT: np.ndarray, targets_BT: np.ndarray):
-        """One optimizer step: (new state, {"loss", "grad_norm", "lr"} as device scalars)."""
+        """One optimizer step: (new state, {"loss", "load_balance", "grad_norm", "lr"} as
+        device scalars; "loss" is the cross-entropy, without the load-balancing term)."""
         self.compile()
         return self._train_step(state, inputs_BT, targets_BT)
 
@@ -327,6 +343,7 @@ def run_training(settings: TrainSettings, out_dir: str | Path, *,
                 row = {"step": step, "tokens": step * settings.data.batch_size * settings.data.seq_len,
                        "lr": float(stats["lr"]),
                        "loss": float(np.mean([float(x) for x in pending_losses])),
+                       "load_balance": float(stats["load_balance"]),
                        "grad_norm": float(stats["grad_norm"]), "valid_loss": None}
                 pending_losses.clear()
                 train_s += time.perf_counter() - start
@@ -372,8 +389,12 @@ def run_training(settings: TrainSettings, out_dir: str | Path, *,
         "head_dim": trainer.config.head_dim, "ffn_dim": trainer.config.ffn_dim,
         "ffn_ratio": settings.model.ffn_ratio, "vocab_size": trainer.config.vocab_size,
         "seq_len": settings.data.seq_len, "batch_size": settings.data.batch_size,
+        "n_experts": trainer.config.n_experts, "top_k": trainer.config.experts_per_token,
+        "load_balance_coef": settings.model.load_balance_coef,
         "n_params_non_embedding": counts["non_embedding"],
+        "n_params_non_embedding_active": counts["non_embedding_active"],
         "n_params_embedding": counts["embedding"], "n_params_total": counts["total"],
+        "n_params_active": counts["active"],
         "tokens_budget": settings.train.tokens, "tokens_seen": tokens_seen, "steps": steps,
         **flops,
         "flops_xla_per_step": trainer.flops_xla_per_step,
