@@ -395,3 +395,55 @@ def test_arch_law_generator_reproduces_the_committed_sweep(tmp_path):
     # the cluster design is larger and also free of duplicates
     cluster, _ = arch_sweep.sweep(arch_sweep.SCALES["cluster"])
     assert len({p.architecture for p in cluster}) > len({r["architecture"] for r in design["runs"]})
+
+
+def test_arch_law_script_checks_and_fits_a_known_law(tmp_path):
+    """experiments/arch_law.py on made-up runs of the committed design whose losses follow a
+    known law plus seed noise: the checks pass, the held-out runs are predicted, the depth
+    exponent comes back, the report and figures are written. And a sweep without a width effect
+    is reported inconclusive."""
+    from importlib import util
+
+    from stagejax.architecture_law import ArchitectureLaw
+
+    spec = util.spec_from_file_location(
+        "arch_law", Path(__file__).resolve().parents[1] / "experiments/arch_law.py")
+    script = util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    law = ArchitectureLaw(kappa_l=2.0, alpha_l=1.0, kappa_rho=0.05, alpha_rho=1.0, beta1=0.0,
+                          kappa_d=40.0, beta2=0.8, alpha_r=0.2, kappa_m=0.2, alpha_m=0.05,
+                          L_inf=3.0)
+    design = arch_sweep.load_design()
+    rng = np.random.default_rng(0)
+
+    def write_runs(root: Path, loss_of) -> None:
+        for run in design["runs"]:
+            directory = root / run["name"]
+            directory.mkdir(parents=True)
+            ffn_dim = round(run["ffn_ratio"] / run["top_k"] * run["width"])
+            (directory / "metrics.json").write_text(json.dumps({
+                "model": run["name"], "seed": run["seed"], "n_layers": run["depth"],
+                "d_model": run["width"], "ffn_dim": ffn_dim, "top_k": run["top_k"],
+                "n_experts": run["n_experts"], "n_kv_heads": run["n_kv_heads"], "head_dim": 32,
+                "tokens_seen": 491_520, "valid_loss": loss_of(run) + rng.normal(0, 0.008),
+                "test_loss": 0.0, "train_loss": 0.0, "n_params_active": 1,
+                "n_params_non_embedding_active": 1, "n_params_non_embedding": 1,
+                "train_s": 1.0, "wall_s": 1.0}))
+
+    write_runs(tmp_path / "runs", lambda r: law(r["depth"], r["width"], r["ffn_ratio"],
+                                                r["top_k"] / r["n_experts"], r["n_kv_heads"] * 32))
+    args = ["--no-train", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
+            "--bootstrap", "8", "--front-r", "1"]
+    assert script.main(args) == 0
+    sanity = json.loads((tmp_path / "out" / "sanity.json").read_text())
+    assert sanity["conclusive"] and 0.004 < sanity["seed_noise"] < 0.016
+    assert "kappa_m" in sanity["fixed"]  # the KV term moves the loss less than the noise
+    fit = json.loads((tmp_path / "out" / "fit.json").read_text())
+    assert fit["r2_holdout"] > 0.9 and abs(fit["law"]["params"]["alpha_l"] - 1.0) < 0.3
+    for name in ("report.md", "runs.csv", "fronts.csv", "loss_vs_variables.png",
+                 "predicted_vs_observed.png", "residuals.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0, name
+    write_runs(tmp_path / "flat", lambda r: 4.0 + 1.0 / r["depth"])  # no width effect
+    assert script.main(["--no-train", "--runs", str(tmp_path / "flat"), "--out",
+                        str(tmp_path / "flat_out"), "--bootstrap", "0", "--front-r", "1"]) == 0
+    assert "INCONCLUSIVE" in (tmp_path / "flat_out" / "report.md").read_text()
