@@ -33,8 +33,6 @@ predicted_vs_observed.png, residuals.png.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
 import os
@@ -52,6 +50,7 @@ from stagejax.architecture_law import (IDENTIFIED_BY, PAPER_TABLE6, SYMBOLS, Arc
                                        fit_architecture_law)
 from stagejax.devices import load_device
 from stagejax.moe_accounting import FP16
+from stagejax.roofline_report import csv_text
 from stagejax.training import arch_sweep
 from stagejax_device.results import atomic_write_json, atomic_write_text
 
@@ -295,14 +294,6 @@ def figures(rows: list[dict], result, out: Path) -> None:
 
 
 # ---- report ----------------------------------------------------------------------------------
-
-
-def csv_text(rows: list[dict]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
 
 
 def g(value, digits: int = 4) -> str:
