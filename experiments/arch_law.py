@@ -68,21 +68,23 @@ FRONT_R_GRID = (0.5, 1.0, 2.0, 4.0)
 # ---- runs -----------------------------------------------------------------------------------
 
 
-def finished_runs(runs_dir: Path) -> dict[str, dict]:
-    """{run name: metrics} of every finished training run below `runs_dir`."""
+def finished_runs(runs_dir: Path, tokens: int) -> dict[str, dict]:
+    """{run name: metrics} of every finished training run below `runs_dir` trained on a
+    budget of `tokens` (runs of an earlier design with another budget are not this sweep's)."""
     found = {}
     if not runs_dir.exists():
         return found
     for path in sorted(runs_dir.rglob("metrics.json")):
         metrics = json.loads(path.read_text())
-        if LOSS_KEY in metrics and "n_params_active" in metrics:
+        if (LOSS_KEY in metrics and "n_params_active" in metrics
+                and metrics.get("tokens_budget") == tokens):
             found[metrics["model"]] = {**metrics, "path": str(path.relative_to(runs_dir))}
     return found
 
 
 def train_missing(design: dict, runs_dir: Path) -> float:
     """Train the design's runs that have no metrics yet (one hydra multirun); seconds taken."""
-    done = finished_runs(runs_dir)
+    done = finished_runs(runs_dir, design["scale"]["tokens"])
     missing = [r["name"] for r in design["runs"] if r["name"] not in done]
     if not missing:
         return 0.0
@@ -90,7 +92,7 @@ def train_missing(design: dict, runs_dir: Path) -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "stagejax.training.run", "-m", "experiment=arch_law",
                     f"+arch_law={','.join(missing)}", f"hydra.sweep.dir={runs_dir}",
-                    "hydra.sweep.subdir=${model.name}", "train.progress=false"],
+                    "hydra.sweep.subdir=${model.name}-D${train.tokens}", "train.progress=false"],
                    cwd=ROOT, check=True)
     return time.perf_counter() - start
 
@@ -98,7 +100,7 @@ def train_missing(design: dict, runs_dir: Path) -> float:
 def table(design: dict, runs_dir: Path) -> list[dict]:
     """One row per run of the design: its variables (as trained: r from the rounded expert
     width), loss, counts and times."""
-    done = finished_runs(runs_dir)
+    done = finished_runs(runs_dir, design["scale"]["tokens"])
     missing = [r["name"] for r in design["runs"] if r["name"] not in done]
     if missing:
         raise SystemExit(f"{len(missing)} runs of the design have no metrics under {runs_dir}: "

@@ -61,7 +61,7 @@ SCALES = {
     "cpu": Scale(name="cpu", depths=(2, 3, 4, 6), widths=(64, 96, 128, 192),
                  ffn_ratios=(1.0, 2.0, 4.0), experts=((1, 1), (4, 1), (8, 1), (8, 2)),
                  kv_levels=("one", "half", "all"), points=24, seed_repeats=(1, 2), holdout=4,
-                 tokens=491_520),
+                 tokens=1_228_800),
     # For a cluster: wider, deeper, 96 configurations at 20M tokens each.
     "cluster": Scale(name="cluster", depths=(2, 4, 6, 8, 12), widths=(128, 192, 256, 384, 512),
                      ffn_ratios=(1.0, 2.0, 3.0, 4.0), experts=((1, 1), (4, 1), (8, 1), (8, 2), (16, 2)),
