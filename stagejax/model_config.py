@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-Family = Literal["llama", "gpt2"]  # stagejax.models.family lists them and what sets them apart
+Family = Literal["llama", "gpt2", "qwen3"]  # stagejax.models.family: what sets them apart
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a decoder-only language model of the Llama or GPT-2 family."""
+    """Architecture of a decoder-only language model of one family (`stagejax.models.family`)."""
 
     family: Family
     vocab_size: int
@@ -123,6 +123,11 @@ PRESETS: dict[str, ModelPreset] = {
         family="llama", vocab_size=257, d_model=37, n_layers=3, n_heads=6, n_kv_heads=2,
         head_dim=10, ffn_dim=53, max_seq_len=97, norm_eps=1e-5, rope_theta=10000.0,
         tie_embeddings=False, bos_token_id=1, eos_token_id=2)),
+    # Qwen3: QK-norm and a head dim of its own (6 x 12 = 72 != d_model 37).
+    "tiny_qwen3": ModelPreset("tiny_qwen3", source="random", config=ModelConfig(
+        family="qwen3", vocab_size=269, d_model=37, n_layers=3, n_heads=6, n_kv_heads=2,
+        head_dim=12, ffn_dim=59, max_seq_len=83, norm_eps=1e-6, rope_theta=1000000.0,
+        tie_embeddings=True, bos_token_id=1, eos_token_id=2)),
     "tiny_gpt2": ModelPreset("tiny_gpt2", source="random", config=ModelConfig(
         family="gpt2", vocab_size=263, d_model=35, n_layers=3, n_heads=5, n_kv_heads=5,
         head_dim=7, ffn_dim=71, max_seq_len=89, norm_eps=1e-5, tie_embeddings=True,

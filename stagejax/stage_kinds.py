@@ -82,6 +82,8 @@ def _project_head(config, state, weights, ctx, index, target):
     state[target][:, :, index]."""
     d, h = config.d_model, config.head_dim
     params = {target[0]: _projection(weights, (d, 1, h), (1, h))}
+    if "norm" in weights:  # QK-norm: the head's scale (every head's copy of the layer's)
+        params[f"{target[0]}_norm"] = {"scale": weights["norm"]}
     if target == "q":
         y_BT1H = _apply(Block(config, heads=1), params, Block.queries, state["h"], ctx["positions"])
     elif target == "k_new":
@@ -312,13 +314,15 @@ def _head_projection_cost(rotated: bool, to_cache: bool):
         t, d, h, ab = op.tokens, config.d_model, config.head_dim, bits.act / 8
         matrix = op.units * d * h
         bias = op.units * h if config.traits.biases else 0
-        flops = 2 * t * matrix + op.elementwise * t * bias
+        norm = op.units * h if rotated and config.traits.qk_norm else 0  # a scale per head
+        flops = 2 * t * matrix + op.elementwise * t * (bias + RMSNORM_FLOPS * norm)
         if rotated and config.traits.rope:
             flops += op.elementwise * ROPE_FLOPS * t * op.units * h
         kv_write = t * op.units * h * bits.kv / 8 if to_cache else 0.0
-        return Cost(flops=flops, weight_bytes=matrix * bits.weight / 8 + bias * bits.vector / 8,
+        vectors = bias + norm
+        return Cost(flops=flops, weight_bytes=matrix * bits.weight / 8 + vectors * bits.vector / 8,
                     kv_write_bytes=kv_write, act_write_bytes=t * op.units * h * ab,
-                    weight_params=matrix + bias), {"h": t * d * ab}
+                    weight_params=matrix + vectors), {"h": t * d * ab}
     return cost
 
 
@@ -405,6 +409,19 @@ def _named_keys(name: str, indexed: bool = False):
     def keys(config, layout, layer, index) -> tuple[str, ...]:
         group = f"{_prefix(layer)}{name}" + (f"/{index}" if indexed else "")
         return tuple(f"{group}/{leaf}" for leaf in _vector_leaves(config))
+    return keys
+
+
+def _head_keys_with_norm(name: str):
+    """Keys of one query head or kv group (`L{i}/q/{h}/w` (+ `/b`)), with its QK-norm scale
+    (`L{i}/q/{h}/norm`) in families that norm queries and keys per head."""
+    projection = _named_keys(name, indexed=True)
+
+    def keys(config, layout, layer, index) -> tuple[str, ...]:
+        own = projection(config, layout, layer, index)
+        if config.traits.qk_norm:
+            own += (f"{_prefix(layer)}{name}/{index}/norm",)
+        return own
     return keys
 
 
@@ -498,10 +515,10 @@ KINDS: dict[str, StageKind] = {kind.name: kind for kind in (
     StageKind("attn_norm", "layer", attn_norm_fn, ("x",), ("h",), _norm_cost,
               weight_keys=_named_keys("attn_norm"), op="norm"),
     StageKind("q", "layer", q_fn, ("h",), ("q",), _head_projection_cost(True, False),
-              count=_heads, weight_keys=_named_keys("q", indexed=True), units="heads",
+              count=_heads, weight_keys=_head_keys_with_norm("q"), units="heads",
               shared_input="qkv"),
     StageKind("k", "layer", k_fn, ("h",), ("k_new",), _head_projection_cost(True, True),
-              count=_kv_heads, weight_keys=_named_keys("k", indexed=True), units="kv_heads",
+              count=_kv_heads, weight_keys=_head_keys_with_norm("k"), units="kv_heads",
               writes_kv=True, shared_input="qkv"),
     StageKind("v", "layer", v_fn, ("h",), ("v_new",), _head_projection_cost(False, True),
               count=_kv_heads, weight_keys=_named_keys("v", indexed=True), units="kv_heads",

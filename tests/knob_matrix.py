@@ -85,7 +85,7 @@ KNOBS: dict[str, tuple] = {
     "activations": ("ram", "disk"),
     "depth": (0, 1, 3),
     "reader": ("native", "python"),
-    "family": ("llama", "gpt2"),
+    "family": ("llama", "gpt2", "qwen3"),
 }
 
 # Combinations the project refuses, each with the error a user meets (type, message pattern).
@@ -124,6 +124,13 @@ FAMILY_CONFIGS: dict[str, ModelConfig] = {
     "gpt2": ModelConfig(family="gpt2", vocab_size=len(TOKENS), d_model=64, n_layers=2,
                         n_heads=4, n_kv_heads=4, head_dim=16, ffn_dim=192, max_seq_len=67,
                         norm_eps=NORM_EPS, tie_embeddings=True, bos_token_id=0, eos_token_id=0),
+    # Qwen3: QK-norm, a head dim of its own (4 x 48 = 192 != d_model 64). Its head is untied
+    # as Llama's: the tied embedding (std 0.3) gives logits 2.4x larger, and float32 rounding
+    # differences with them (1.1e-5 measured); the staged tied head is GPT-2's case.
+    "qwen3": ModelConfig(family="qwen3", vocab_size=len(TOKENS), d_model=64, n_layers=2,
+                         n_heads=4, n_kv_heads=2, head_dim=48, ffn_dim=192, max_seq_len=67,
+                         norm_eps=NORM_EPS, rope_theta=1000000.0, tie_embeddings=False,
+                         bos_token_id=1, eos_token_id=0),
 }
 
 # A made-up device: the planner's choices only need to be deterministic here.
@@ -232,7 +239,8 @@ def scaled_params(config: ModelConfig, seed: int = 0) -> dict:
     """Random float32 parameters whose attention is far from uniform: each matrix [in, out]
     drawn N(0, gain^2 / in) — gain 1.5 for q and k, so a score q.k / sqrt(H) of normed inputs
     has a standard deviation of ~2.25 —, the embedding N(0, 0.3^2) (logits of ~2-10), norm
-    scales 1 + N(0, 0.1^2), biases N(0, 0.1^2)."""
+    scales 1 + N(0, 0.1^2) (QK-norm's 1.5x that: a normed head's score has a std of ~1 x
+    gain^2 then), biases N(0, 0.1^2)."""
     rng = np.random.default_rng(seed)
 
     def draw(path: tuple[str, ...], leaf) -> np.ndarray:
@@ -245,7 +253,8 @@ def scaled_params(config: ModelConfig, seed: int = 0) -> dict:
             gain = 1.5 if path[-2] in ("q", "k") else 1.0
             return rng.normal(0, gain / np.sqrt(fan_in), shape).astype(np.float32)
         if name == "scale":
-            return (1 + rng.normal(0, 0.1, shape)).astype(np.float32)
+            gain = 1.5 if path[-2] in ("q_norm", "k_norm") else 1.0
+            return (gain * (1 + rng.normal(0, 0.1, shape))).astype(np.float32)
         return rng.normal(0, 0.1, shape).astype(np.float32)
 
     def walk(node, path=()):
@@ -265,8 +274,8 @@ def _llamacpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 def write_gguf(path: str | Path, config: ModelConfig, params: dict) -> Path:
     """`params` (Decoder layout) as a GGUF file the importer reads back to `config`: matrices as
     Q4_1 blocks, the token embedding as Q8_0, vectors (and GPT-2's positions) as F32."""
-    placements = (llama_placements(config, config.tie_embeddings) if config.family == "llama"
-                  else gpt2_placements(config))
+    gpt2 = not config.traits.rope
+    placements = gpt2_placements(config) if gpt2 else llama_placements(config, config.tie_embeddings)
     tensors: dict[str, np.ndarray] = {}
     for p in placements:
         value = params
@@ -285,14 +294,14 @@ def write_gguf(path: str | Path, config: ModelConfig, params: dict) -> Path:
         else:
             whole = tensors.setdefault(p.gguf_name, np.zeros(numpy_shape, np.float32))
             whole[p.row_slice[0]:p.row_slice[1]] = part
-    arch = config.family
+    arch = config.traits.names.gguf_architecture if config.traits.names else config.family
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(config.n_layers)
     writer.add_context_length(config.max_seq_len)
     writer.add_embedding_length(config.d_model)
     writer.add_feed_forward_length(config.ffn_dim)
     writer.add_head_count(config.n_heads)
-    if arch == "llama":
+    if not gpt2:
         writer.add_head_count_kv(config.n_kv_heads)
         writer.add_rope_freq_base(config.rope_theta)
         writer.add_layer_norm_rms_eps(config.norm_eps)
@@ -364,7 +373,7 @@ class MatrixModel:
             config = config or FAMILY_CONFIGS[family]
             source = write_gguf(self.directory / f"matrix-{family}.gguf", config,
                                 scaled_params(config))
-            self.handle = open_model("tiny" if family == "llama" else "tiny_gpt2", str(source))
+            self.handle = open_model("tiny_gpt2" if family == "gpt2" else "tiny", str(source))
             assert self.handle.config == config, (self.handle.config, config)
         self.config = self.handle.config
         self._stores: dict[str, WeightStore] = {}
@@ -502,6 +511,9 @@ def attention_entropy(config: ModelConfig, params: dict, tokens: list[int]) -> f
         h = ops.rms_norm(x, layer["attn_norm"]["scale"], config.norm_eps)
     q = jnp.einsum("BTD,DNH->BTNH", h, layer["q"]["kernel"])
     k = jnp.einsum("BTD,DKH->BTKH", h, layer["k"]["kernel"])
+    if config.traits.qk_norm:
+        q = ops.rms_norm(q, layer["q_norm"]["scale"], config.norm_eps)
+        k = ops.rms_norm(k, layer["k_norm"]["scale"], config.norm_eps)
     if config.family == "gpt2":
         q, k = q + layer["q"]["bias"], k + layer["k"]["bias"]
     else:

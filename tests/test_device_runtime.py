@@ -85,6 +85,7 @@ CASES = {
     "q4gguf-native-optimal-disk_int8": ("gguf", "gguf_native", "optimal", 0.4,
                                         KVLayout("disk", "token_major", 8, "int8")),
     "gpt2-int8-layer-disk_bf16": ("tiny_gpt2", "int8", "layer", None, KVLayout("disk", "head_major", 8, "bfloat16")),
+    "qwen3-int8-op-ram": ("tiny_qwen3", "int8", "op", None, KVLayout("ram", "head_major", 8)),
 }
 
 

@@ -85,6 +85,38 @@ def _llama_model(config: ModelConfig, seed: int = 0):
     return model.eval()
 
 
+# Qwen3 with its own head dim (6 x 12 = 72 != d_model 37), GQA, QK-norm, an untied head.
+TINY_QWEN3 = ModelConfig(family="qwen3", vocab_size=257, d_model=37, n_layers=3, n_heads=6,
+                         n_kv_heads=2, head_dim=12, ffn_dim=53, max_seq_len=97, norm_eps=1e-6,
+                         rope_theta=1000000.0, tie_embeddings=False, bos_token_id=1,
+                         eos_token_id=2)
+
+
+def _qwen3_model(config: ModelConfig, seed: int = 0):
+    """Qwen3ForCausalLM with `config`'s shapes; q_norm/k_norm get random scales too."""
+    hf_config = transformers.Qwen3Config(
+        vocab_size=config.vocab_size,
+        hidden_size=config.n_heads * config.head_dim,  # see _llama_model
+        intermediate_size=config.ffn_dim,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_seq_len,
+        rms_norm_eps=config.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        tie_word_embeddings=config.tie_embeddings,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        attn_implementation="eager",
+    )
+    hf_config.hidden_size = config.d_model
+    torch.manual_seed(seed)
+    model = transformers.Qwen3ForCausalLM(hf_config)
+    _randomize(model, seed)
+    return model.eval()
+
+
 def _gpt2_model(config: ModelConfig, seed: int = 0):
     hf_config = transformers.GPT2Config(
         vocab_size=config.vocab_size,
@@ -237,6 +269,26 @@ def test_llama_without_lm_head_is_tied(tmp_path):
     imported = read_hf_dir(directory)
     assert imported.config.tie_embeddings and "head" not in imported.params
     assert _max_logit_diff(model, directory, config) <= LOGITS_ATOL
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_qwen3_parity(tmp_path, tied):
+    """transformers' Qwen3 (QK-norm, a head dim of its own) saved and imported: same logits."""
+    config = ModelConfig(**{**TINY_QWEN3.to_dict(), "tie_embeddings": tied})
+    model = _qwen3_model(config, seed=4)
+    directory = _save(model, tmp_path / "qwen3")
+    imported = read_hf_dir(directory)
+    assert imported.config == config and ("head" in imported.params) != tied
+    assert imported.params["L0"]["q_norm"]["scale"].shape == (config.head_dim,)
+    _assert_layout(imported)
+    assert _max_logit_diff(model, directory, config) <= LOGITS_ATOL
+
+
+def test_qwen3_sliding_window_is_refused(tmp_path):
+    directory = _save(_qwen3_model(TINY_QWEN3), tmp_path / "qwen3")
+    _rewrite_json(os.path.join(directory, "config.json"), use_sliding_window=True)
+    with pytest.raises(HFImportError, match="use_sliding_window=True is not supported"):
+        read_hf_dir(directory)
 
 
 def _reachable_array_bytes(root) -> int:

@@ -24,7 +24,7 @@ def scaled_params(params, seed=1, scale=4.0):
         treedef, [jax.random.normal(k, l.shape) * scale * 0.02 + (l == 1.0) for k, l in zip(keys, leaves)])
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny_gpt2"])
+@pytest.mark.parametrize("name", ["tiny", "tiny_gpt2", "tiny_qwen3"])
 def test_prefill_plus_steps_equals_full_forward(name):
     model = load_model(name)
     params = scaled_params(model.params)
@@ -41,7 +41,7 @@ def test_prefill_plus_steps_equals_full_forward(name):
         np.testing.assert_allclose(logits, full[0, position], atol=ATOL)
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny_gpt2"])
+@pytest.mark.parametrize("name", ["tiny", "tiny_gpt2", "tiny_qwen3"])
 def test_step_donates_the_cache(name):
     model = load_model(name)
     decoder = MonolithicDecoder(model.config, model.params, cache_len=64, prefill_len=8)

@@ -148,11 +148,13 @@ def test_host_init_matches_the_flax_initializers():
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(again)))
 
 
-@pytest.mark.parametrize("tie,experts", [(True, 1), (False, 1), (True, 4)])
-def test_param_counts_match_the_model(tie, experts):
+@pytest.mark.parametrize("tie,experts,qk_norm", [(True, 1, False), (False, 1, False),
+                                                 (True, 4, False), (True, 1, True)])
+def test_param_counts_match_the_model(tie, experts, qk_norm):
     arch = dataclasses.replace(TINY, tie_embeddings=tie, n_experts=experts,
-                               top_k=2 if experts > 1 else 1)
+                               top_k=2 if experts > 1 else 1, qk_norm=qk_norm)
     config = architecture.model_config(arch, MINI_VOCAB, 16)
+    assert config.traits.qk_norm == qk_norm
     model = Decoder(config)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 1), np.int32))
     total = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
@@ -168,10 +170,15 @@ def test_param_counts_match_the_model(tie, experts):
 
 # ---- the training loop -----------------------------------------------------------------------
 
-def test_two_steps_decrease_the_loss(mini_corpus):
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_two_steps_decrease_the_loss(mini_corpus, qk_norm):
+    """Two steps lower the loss, with the Llama layer and with QK-norm (the Qwen3 family's:
+    the same `Block` the inference path imports Qwen3 into)."""
     corpus, root, cache = mini_corpus
     settings = tiny_settings(root, cache)
+    settings.model = dataclasses.replace(settings.model, qk_norm=qk_norm)
     trainer = Trainer(settings, corpus.vocab_size)
+    assert ("q_norm" in trainer.init_state()["params"]["L0"]) == qk_norm
     state = trainer.init_state()
     before = trainer.evaluate(state["params"], corpus.tokens["valid"])["loss"]
     sampler = BatchSampler(corpus.tokens["train"], 4, 16, settings.seed)
@@ -425,7 +432,8 @@ def test_arch_law_script_checks_and_fits_a_known_law(tmp_path):
                 "model": run["name"], "seed": run["seed"], "n_layers": run["depth"],
                 "d_model": run["width"], "ffn_dim": ffn_dim, "top_k": run["top_k"],
                 "n_experts": run["n_experts"], "n_kv_heads": run["n_kv_heads"], "head_dim": 32,
-                "tokens_seen": 491_520, "valid_loss": loss_of(run) + rng.normal(0, 0.008),
+                "tokens_seen": design["scale"]["tokens"], "tokens_budget": design["scale"]["tokens"],
+                "valid_loss": loss_of(run) + rng.normal(0, 0.008),
                 "test_loss": 0.0, "train_loss": 0.0, "n_params_active": 1,
                 "n_params_non_embedding_active": 1, "n_params_non_embedding": 1,
                 "train_s": 1.0, "wall_s": 1.0}))

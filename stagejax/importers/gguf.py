@@ -39,6 +39,7 @@ import numpy as np
 
 from stagejax.importers import ImportedModel
 from stagejax.model_config import ModelConfig
+from stagejax.models.family import llama_like_families
 from stagejax.tokenizer import Tokenizer
 
 Q = gguf.GGMLQuantizationType
@@ -48,7 +49,11 @@ Q = gguf.GGMLQuantizationType
 # test. Q8_0 and Q4_1 are what the packaged SmolLM2 file uses.
 DEQUANTIZABLE_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)
 
-SUPPORTED_ARCHITECTURES = ("llama", "gpt2")
+# general.architecture -> family of the files laid out like Llama (Llama's own, and those whose
+# family module names their extra tensors: `stagejax.models.family.ImportNames`).
+LLAMA_LIKE_ARCHITECTURES = {"llama": "llama", **{
+    f.names.gguf_architecture: f.name for f in llama_like_families().values()}}
+SUPPORTED_ARCHITECTURES = (*LLAMA_LIKE_ARCHITECTURES, "gpt2")
 
 # Pre-tokenizer names (`tokenizer.ggml.pre`) for which transformers' GGUF tokenizer uses plain
 # GPT-2 byte-level splitting, which is what `_byte_level_tokenizer` builds. transformers swaps in
@@ -168,17 +173,22 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def llama_placements(config: ModelConfig, tied: bool) -> list[TensorPlacement]:
-    """GGUF tensor -> parameter placements of a Llama-family file."""
+    """GGUF tensor -> parameter placements of a Llama-family file, or of a family laid out like
+    Llama (its extra per-layer vectors and q/k row order from `config.traits.names`)."""
     D, N, K, H, F, V = (config.d_model, config.n_heads, config.n_kv_heads, config.head_dim,
                         config.ffn_dim, config.vocab_size)
+    names = config.traits.names
+    permuted = names is None or names.gguf_rope_permuted
     P = TensorPlacement
     out = [P("token_embd.weight", ("embed", "embedding"), (D, V), (V, D))]
     for i in range(config.n_layers):
         b, L = f"blk.{i}.", f"L{i}"
         out += [
             P(b + "attn_norm.weight", (L, "attn_norm", "scale"), (D,), (D,)),
-            P(b + "attn_q.weight", (L, "q", "kernel"), (D, N * H), (D, N, H), True, rope_unpermute_heads=N),
-            P(b + "attn_k.weight", (L, "k", "kernel"), (D, K * H), (D, K, H), True, rope_unpermute_heads=K),
+            P(b + "attn_q.weight", (L, "q", "kernel"), (D, N * H), (D, N, H), True,
+              rope_unpermute_heads=N if permuted else 0),
+            P(b + "attn_k.weight", (L, "k", "kernel"), (D, K * H), (D, K, H), True,
+              rope_unpermute_heads=K if permuted else 0),
             P(b + "attn_v.weight", (L, "v", "kernel"), (D, K * H), (D, K, H), True),
             P(b + "attn_output.weight", (L, "o", "kernel"), (N * H, D), (N, H, D), True),
             P(b + "ffn_norm.weight", (L, "ffn_norm", "scale"), (D,), (D,)),
@@ -186,6 +196,8 @@ def llama_placements(config: ModelConfig, tied: bool) -> list[TensorPlacement]:
             P(b + "ffn_up.weight", (L, "up", "kernel"), (D, F), (D, F), True),
             P(b + "ffn_down.weight", (L, "down", "kernel"), (F, D), (F, D), True),
         ]
+        out += [P(b + tensor, (L, module, leaf), (H,), (H,))
+                for tensor, (module, leaf) in (names.gguf_layer_tensors.items() if names else ())]
     out.append(P("output_norm.weight", ("final_norm", "scale"), (D,), (D,)))
     if not tied:
         out.append(P("output.weight", ("head", "kernel"), (D, V), (D, V), True))
@@ -289,8 +301,8 @@ class GGUFFile:
                                   f"{', '.join(SUPPORTED_ARCHITECTURES)}")
         self.config: ModelConfig = self._read_config()
         self.placements: list[TensorPlacement] = (
-            llama_placements(self.config, self.config.tie_embeddings)
-            if self.config.family == "llama" else gpt2_placements(self.config))
+            gpt2_placements(self.config) if self.config.family == "gpt2"
+            else llama_placements(self.config, self.config.tie_embeddings))
         self._check_tensors()
 
     # -- metadata ---------------------------------------------------------------------------
@@ -350,7 +362,8 @@ class GGUFFile:
             bos_token_id=self._int("tokenizer.ggml.bos_token_id", None),
             eos_token_id=self._int("tokenizer.ggml.eos_token_id", None),
         )
-        if n_heads <= 0 or d_model % n_heads:
+        has_head_dim = f"{a}.attention.key_length" in self._reader.fields
+        if n_heads <= 0 or (d_model % n_heads and not has_head_dim):
             raise GGUFImportError(f"{self.path}: {a}.embedding_length={d_model} is not a multiple of "
                                   f"{a}.attention.head_count={n_heads}")
         try:
@@ -374,7 +387,8 @@ class GGUFFile:
                 raise GGUFImportError(f"{self.path}: {a}.rope.scaling.type={scaling!r} is not "
                                       "supported (plain RoPE only)")
             return ModelConfig(
-                family="llama", n_kv_heads=self._int(f"{a}.attention.head_count_kv", n_heads),
+                family=LLAMA_LIKE_ARCHITECTURES[a],
+                n_kv_heads=self._int(f"{a}.attention.head_count_kv", n_heads),
                 head_dim=head_dim, norm_eps=self._float(f"{a}.attention.layer_norm_rms_epsilon"),
                 rope_theta=self._float(f"{a}.rope.freq_base", 10000.0),
                 tie_embeddings="output.weight" not in self._tensors, **common)

@@ -1,8 +1,10 @@
 """Hugging Face model directories in: `config.json` + safetensors weights (+ `tokenizer.json`).
 
-Reads what `transformers`' `save_pretrained` writes for `LlamaForCausalLM` and
-`GPT2LMHeadModel` (GPT-2 also without the `transformer.` prefix, as the original checkpoints
-are), without importing torch or transformers:
+Reads what `transformers`' `save_pretrained` writes for `LlamaForCausalLM`, the families laid
+out like it (`Qwen3ForCausalLM`: the extra tensors each family's module names, see
+`stagejax.models.family.ImportNames`) and `GPT2LMHeadModel` (GPT-2 also without the
+`transformer.` prefix, as the original checkpoints are), without importing torch or
+transformers:
 
   config.json                      architecture (transformers `LlamaConfig` / `GPT2Config`)
   model.safetensors                all tensors, or
@@ -32,6 +34,7 @@ import numpy as np
 
 from stagejax.importers import ImportedModel
 from stagejax.model_config import ModelConfig
+from stagejax.models.family import Family, llama_like_families
 from stagejax.tokenizer import Tokenizer
 
 CONFIG_FILE = "config.json"
@@ -72,23 +75,27 @@ def read_hf_dir(path: str | os.PathLike, with_params: bool = True) -> ImportedMo
     hf_config = _read_json(os.path.join(path, CONFIG_FILE))
     fields = _ConfigFields(hf_config, os.path.join(path, CONFIG_FILE))
     model_type = fields.get("model_type")
+    llama_like = llama_like_families()
     if model_type == "llama":
         config = _llama_config(fields)
+    elif model_type in llama_like:
+        config = _llama_config(fields, llama_like[model_type])
     elif model_type == "gpt2":
         config = _gpt2_config(fields)
     else:
+        known = ", ".join(repr(t) for t in ("llama", "gpt2", *llama_like))
         raise HFImportError(f"{fields.file}: model_type {model_type!r} is not supported "
-                            f"(supported: 'llama', 'gpt2')")
+                            f"(supported: {known})")
 
     with _SafetensorsDir(path) as tensors:
-        if model_type == "llama" and not tensors.has("lm_head.weight"):
+        if model_type != "gpt2" and not tensors.has("lm_head.weight"):
             # A save without lm_head (e.g. written with tied weights) has the embedding as its
             # head, whatever tie_word_embeddings says.
             config = dataclasses.replace(config, tie_embeddings=True)
         if not with_params:
             params = {}
         else:
-            params = (_llama_params if model_type == "llama" else _gpt2_params)(tensors, config)
+            params = (_gpt2_params if model_type == "gpt2" else _llama_params)(tensors, config)
             tensors.check_all_used()
         weight_files = [os.path.basename(file) for file in tensors.files]
 
@@ -160,10 +167,17 @@ class _ConfigFields:
             raise HFImportError(f"{self.file}: {e}") from e
 
 
-def _llama_config(f: _ConfigFields) -> ModelConfig:
+def _llama_config(f: _ConfigFields, family: Family | None = None) -> ModelConfig:
+    """A Llama config, or that of a family laid out like Llama (`family`, e.g. Qwen3)."""
     f.refuse_unless("hidden_act", ("silu",), "silu", "Llama's FFN here is SwiGLU with SiLU")
     for name in ("attention_bias", "mlp_bias"):
         f.refuse_unless(name, (False,), False, "the Llama layout has no biases")
+    f.refuse_unless("use_sliding_window", (False,), False,
+                    "attention here is full attention over the whole cache")
+    layer_types = f.get("layer_types")
+    if layer_types is not None and set(layer_types) - {"full_attention"}:
+        raise HFImportError(f"{f.file}: layer_types {sorted(set(layer_types))} is not supported "
+                            f"(full attention in every layer only)")
     _check_rope(f)
     d_model = f.require("hidden_size")
     n_heads = f.require("num_attention_heads")
@@ -171,7 +185,7 @@ def _llama_config(f: _ConfigFields) -> ModelConfig:
         raise HFImportError(f"{f.file}: no 'head_dim' and hidden_size ({d_model}) is not a "
                             f"multiple of num_attention_heads ({n_heads})")
     return f.build(
-        family="llama",
+        family="llama" if family is None else family.name,
         vocab_size=f.require("vocab_size"),
         d_model=d_model,
         n_layers=f.require("num_hidden_layers"),
@@ -375,6 +389,9 @@ def _llama_params(t: _SafetensorsDir, c: ModelConfig) -> dict:
             "up": {"kernel": _c(t.get(p + "mlp.up_proj.weight", (F, D), ffn).T)},
             "down": {"kernel": _c(t.get(p + "mlp.down_proj.weight", (D, F), ffn).T)},
         }
+        names = c.traits.names
+        for tensor, (module, leaf) in (names.hf_layer_tensors.items() if names else ()):
+            params[f"L{i}"][module] = {leaf: t.get(p + tensor, (H,), f"head_dim={H}")}
         # Older transformers saved RoPE's inverse frequencies; they follow from rope_theta.
         if t.has(p + "self_attn.rotary_emb.inv_freq"):
             t.ignore(p + "self_attn.rotary_emb.inv_freq")

@@ -4,7 +4,8 @@
 Parameter tree (the names the stage shards and importers use):
   embed/embedding [V, D]; pos_embed/embedding [P, D] (learned positions)
   L{i}/attn_norm/{scale,bias}; L{i}/q/kernel [D, N, H]; L{i}/k/kernel, L{i}/v/kernel [D, K, H]
-  (with biases: plus bias [N, H] / [K, H]); L{i}/o/kernel [N, H, D] (+ bias [D]);
+  (with biases: plus bias [N, H] / [K, H]); with QK-norm: L{i}/q_norm/scale [H],
+  L{i}/k_norm/scale [H]; L{i}/o/kernel [N, H, D] (+ bias [D]);
   L{i}/ffn_norm/{scale,bias}; L{i}/gate/kernel [D, F] (SwiGLU); L{i}/up/kernel [D, F]
   (+ bias [F]); L{i}/down/kernel [F, D] (+ bias [D]); mixture of experts: L{i}/router/kernel
   [D, E] and gate/up [E, D, F], down [E, F, D]; final_norm/{scale,bias};
@@ -70,6 +71,9 @@ class Block(nn.Module):
         self.q = Einsum((c.d_model, n, c.head_dim), "BTD,DNH->BTNH", bias(n, c.head_dim))
         self.k = Einsum((c.d_model, k, c.head_dim), "BTD,DKH->BTKH", bias(k, c.head_dim))
         self.v = Einsum((c.d_model, k, c.head_dim), "BTD,DKH->BTKH", bias(k, c.head_dim))
+        if family.qk_norm:  # one scale per head dimension, shared by every head
+            self.q_norm = Norm(c.head_dim, c.norm_eps, family.norm)
+            self.k_norm = Norm(c.head_dim, c.norm_eps, family.norm)
         self.o = Einsum((c.n_heads, c.head_dim, c.d_model), "BTNH,NHD->BTD", bias(c.d_model))
         self.ffn_norm = Norm(c.d_model, c.norm_eps, family.norm)
         if c.is_moe:  # E experts side by side; the router picks K per token
@@ -91,12 +95,20 @@ class Block(nn.Module):
         return self.attn_norm(x_BTD)
 
     def queries(self, h_BTD, positions_BT):
-        """This instance's query heads, RoPE applied: [B, T, heads, H]."""
-        return self._rotate(self.q(h_BTD), positions_BT)
+        """This instance's query heads, normed per head (QK-norm) and RoPE applied:
+        [B, T, heads, H]."""
+        q_BTnH = self.q(h_BTD)
+        if self.config.traits.qk_norm:
+            q_BTnH = self.q_norm(q_BTnH)
+        return self._rotate(q_BTnH, positions_BT)
 
     def keys(self, h_BTD, positions_BT):
-        """This instance's kv heads' keys, RoPE applied: [B, T, kv_heads, H]."""
-        return self._rotate(self.k(h_BTD), positions_BT)
+        """This instance's kv heads' keys, normed per head (QK-norm) and RoPE applied:
+        [B, T, kv_heads, H]."""
+        k_BTKH = self.k(h_BTD)
+        if self.config.traits.qk_norm:
+            k_BTKH = self.k_norm(k_BTKH)
+        return self._rotate(k_BTKH, positions_BT)
 
     def values(self, h_BTD):
         return self.v(h_BTD)

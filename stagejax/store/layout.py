@@ -8,6 +8,8 @@ Every array is at the finest atomic granularity of design §3 and keyed like its
   pos_embed/w        [P, D]    learned positions only (`Family.learned_positions`)
   L{i}/attn_norm/w   [D]       norm scale (+ /b [D] in families with biases)
   L{i}/q/{h}/w       [D, H]    q kernel[:, h, :] (+ /b [H]); likewise L{i}/k/{g}, L{i}/v/{g}
+  L{i}/q/{h}/norm    [H]       QK-norm families: the layer's q_norm scale, in every head's
+                               shard (likewise L{i}/k/{g}/norm): a stage reads its own shard
   L{i}/o/w           [N, H, D] (+ /b [D])
   L{i}/ffn_norm/w    [D]       (+ /b [D])
   L{i}/ffn/{c}/gate  [D, F_c]  SwiGLU only; /up [D, F_c]; /down [F_c, D];
@@ -112,6 +114,8 @@ def shard_arrays(params: dict, config: ModelConfig, ffn_bounds: list[int],
                                             else np.asarray(kernel)[:, h, :])
                 if family.biases:
                     yield f"{L}/{name}/{h}/b", bias_NH[h]
+                if family.qk_norm and name in ("q", "k"):  # each head's shard holds the scale
+                    yield f"{L}/{name}/{h}/norm", F(L, f"{name}_norm", "scale")
         o = P(L, "o", "kernel")
         yield f"{L}/o/w", o if isinstance(o, QuantizedMatrix) else np.asarray(o)
         if family.biases:
@@ -225,6 +229,8 @@ def assemble_params(arrays: dict, config: ModelConfig, ffn_bounds: list[int],
                                       else xp.stack(heads, axis=1))}
             if family.biases:
                 layer[name]["bias"] = xp.stack([A(f"{L}/{name}/{h}/b") for h in range(n)])
+            if family.qk_norm and name in ("q", "k"):
+                layer[f"{name}_norm"] = {"scale": A(f"{L}/{name}/0/norm")}
         layer["o"] = {"kernel": load(f"{L}/o/w")}
         if family.biases:
             layer["o"]["bias"] = A(f"{L}/o/b")

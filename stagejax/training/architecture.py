@@ -25,9 +25,10 @@ from stagejax.training.settings import ArchSettings
 
 
 def model_config(arch: ArchSettings, vocab_size: int, seq_len: int) -> ModelConfig:
-    """The Llama-family `ModelConfig` of `arch` with the tokenizer's vocabulary."""
+    """The `ModelConfig` of `arch` with the tokenizer's vocabulary: the Llama family, or with
+    `qk_norm` the Qwen3 family (the same layer with a norm per query and key head)."""
     return ModelConfig(
-        family="llama", vocab_size=vocab_size, d_model=arch.d_model, n_layers=arch.n_layers,
+        family="qwen3" if arch.qk_norm else "llama", vocab_size=vocab_size, d_model=arch.d_model, n_layers=arch.n_layers,
         n_heads=arch.n_heads, n_kv_heads=arch.n_kv_heads, head_dim=arch.resolved_head_dim,
         ffn_dim=arch.ffn_dim, max_seq_len=seq_len, norm_eps=arch.norm_eps,
         rope_theta=arch.rope_theta, tie_embeddings=arch.tie_embeddings,
@@ -53,8 +54,9 @@ def param_counts(c: ModelConfig) -> dict:
     uses); "embedding" is the token table plus an untied head. Dense: active = total."""
     arch = moe_architecture(c)
     embedding = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
-    total = int(round(model_params(arch, "full")))
-    active = int(round(model_params(arch, "full", active=True)))
+    qk_norms = 2 * c.head_dim * c.n_layers if c.traits.qk_norm else 0  # a scale each for q, k
+    total = int(round(model_params(arch, "full"))) + qk_norms
+    active = int(round(model_params(arch, "full", active=True))) + qk_norms
     return {"non_embedding": total - embedding, "non_embedding_active": active - embedding,
             "embedding": embedding, "total": total, "active": active}
 

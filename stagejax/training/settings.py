@@ -33,7 +33,7 @@ def _check_fraction(field: str, value, *, closed_right: bool = False):
 @dataclasses.dataclass
 class ArchSettings:
     """A Llama-family architecture point of the sweep (the vocabulary comes from the tokenizer,
-    the context length from `data.seq_len`). With `n_experts` > 1 every FFN is a mixture of
+    the context length from `data.seq_len`); with `qk_norm` the Qwen3 family's layer. With `n_experts` > 1 every FFN is a mixture of
     `n_experts` SwiGLU experts, `top_k` routed per token, each of width ffn_ratio / top_k x
     d_model: `ffn_ratio` is the paper's r, the FFN ratio summed over the active experts."""
 
@@ -51,6 +51,7 @@ class ArchSettings:
     n_experts: int = 1
     top_k: int = 1  # experts per token
     load_balance_coef: float = 0.01  # weight of the load-balancing loss (Switch's 1e-2)
+    qk_norm: bool = False  # an RMSNorm over each query and key head (the Qwen3 family's layer)
 
     def __post_init__(self):
         for field in ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_ratio", "ffn_multiple",
