@@ -50,9 +50,8 @@ from stagejax.architecture_law import (IDENTIFIED_BY, PAPER_TABLE6, SYMBOLS, Arc
                                        fit_architecture_law)
 from stagejax.devices import load_device
 from stagejax.moe_accounting import FP16
-from stagejax.roofline_report import csv_text
 from stagejax.training import arch_sweep
-from stagejax_device.results import atomic_write_json, atomic_write_text
+from stagejax_device.results import atomic_write_json, atomic_write_text, csv_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results" / "arch_law"

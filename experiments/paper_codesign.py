@@ -28,9 +28,7 @@ fit_synthetic_table6.json, fig5_{paper,full}.png and fig7_{paper,full}.png into 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
 import json
 import math
 import os
@@ -50,7 +48,7 @@ from stagejax.devices import load_device
 from stagejax.moe_accounting import (ACCOUNTINGS, FP16, INT8, MoEArchitecture, layer_coefficients,
                                      model_params)
 from stagejax.quant_loss import SMOLLM2_QUANT_SUMMARY, load_quant_loss
-from stagejax_device.results import atomic_write_json, atomic_write_text
+from stagejax_device.results import atomic_write_json, atomic_write_text, csv_text
 
 RESULTS = Path(__file__).resolve().parent / "results" / "paper_codesign"
 DEVICES = ("jetson_agx_orin", "jetson_orin_nano")
@@ -98,15 +96,6 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     lines += ["| " + " | ".join(fmt(r.get(c)) if not isinstance(r.get(c), str) else r[c]
                                 for c in columns) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def csv_text(rows: list[dict]) -> str:
-    out = io.StringIO()
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    writer = csv.DictWriter(out, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
 
 
 def relative(a: float, b: float) -> float:

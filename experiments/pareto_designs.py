@@ -22,8 +22,6 @@ Writes experiments/results/pareto/{pareto.md, pareto.csv, pareto.png} (the front
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import sys
 import time
@@ -33,19 +31,10 @@ from stagejax import codesign
 from stagejax.devices import load_device
 from stagejax.fitting import CHINCHILLA, load_loss_model
 from stagejax.quant_loss import SMOLLM2_QUANT_SUMMARY, load_quant_loss
-from stagejax_device.results import atomic_write_text
+from stagejax_device.results import atomic_write_text, csv_text
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pareto"
 CONSOLE_ROWS = 16  # rows of each front printed to the console (the files hold all of them)
-
-
-def csv_text(rows: list[dict]) -> str:
-    out = io.StringIO()
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    writer = csv.DictWriter(out, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
 
 
 def thinned(rows: list[dict], limit: int) -> list[dict]:

@@ -32,10 +32,8 @@ llama.cpp needs the optional `peers` extra (llama-cpp-python, compiles ~10 minut
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import importlib.util
-import io
 import json
 import platform
 import shlex
@@ -49,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stagejax.memcap import COMPLETED, CgroupUnavailable, find_memory_cgroup, run_from_start  # noqa: E402
-from stagejax_device.results import atomic_write_json, atomic_write_text  # noqa: E402
+from stagejax_device.results import atomic_write_json, atomic_write_text, csv_text  # noqa: E402
 
 MIB = 2**20
 DEFAULT_CAPS_MIB = (512, 256, 150, 110, 90, 64)
@@ -267,15 +265,6 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def csv_text(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    keys = [k for k in rows[0] if k != "tokens_per_s_rounds"] if rows else []
-    writer = csv.DictWriter(buffer, keys, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def plot(rows: list[dict], contestants: list[Contestant], path: Path) -> None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter
@@ -391,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(args.results / "runs.json", {"meta": meta, "ppl": ppl, "runs": records})
     rows = summarise(records, contestants, ppl, caps)
     atomic_write_text(args.results / "summary.md", markdown(rows, meta))
-    atomic_write_text(args.results / "summary.csv", csv_text(rows))
+    atomic_write_text(args.results / "summary.csv", csv_text(rows, exclude=("tokens_per_s_rounds",)))
     plot(rows, contestants, args.results / "race.png")
     print((args.results / "summary.md").read_text())
     return 0

@@ -41,9 +41,7 @@ when that differs from the chart's device.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import math
 import re
@@ -51,7 +49,7 @@ import statistics
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from stagejax_device.results import atomic_write_json, atomic_write_text
+from stagejax_device.results import atomic_write_json, atomic_write_text, csv_text
 from stagejax.roofline import Device
 
 # Directories that hold no runs of ours (wandb's files, submitit's pickles, hydra's config copy).
@@ -437,16 +435,6 @@ def render_markdown(report: Report, images: Sequence[str] = ()) -> str:
     if images:
         lines += ["", "## Charts", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in images]
     return "\n".join(lines) + "\n"
-
-
-def csv_text(rows: Sequence[dict]) -> str:
-    if not rows:
-        return ""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 # ---- charts -------------------------------------------------------------------------------------

@@ -28,8 +28,6 @@ not their absolute losses, compare.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import sys
 from pathlib import Path
@@ -41,7 +39,7 @@ import numpy as np
 from stagejax import codesign
 from stagejax.devices import load_device
 from stagejax.fitting import CHINCHILLA, save_loss_model
-from stagejax_device.results import atomic_write_json, atomic_write_text
+from stagejax_device.results import atomic_write_json, atomic_write_text, csv_text
 from stagejax.training.sweep import SweepFit, collect_runs, fit_sweep
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "scaling"
@@ -165,14 +163,6 @@ def thinned(rows: list[dict], limit: int) -> list[dict]:
         return rows
     keep = {round(i * (len(rows) - 1) / (limit - 1)) for i in range(limit)}
     return [row for i, row in enumerate(rows) if i in keep]
-
-
-def csv_text(rows: list[dict]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
 
 
 def main(argv=None) -> int:
