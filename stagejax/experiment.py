@@ -45,7 +45,7 @@ from stagejax_device.results import atomic_write_json, atomic_write_text
 from stagejax.sampling import SamplingConfig
 from stagejax.scheduler import RESIDENT_POLICIES, GroupPlan, streams_weights
 from stagejax.settings import RunSettings
-from stagejax.store import WeightStore, convert_checkpoint
+from stagejax.store import WeightStore, convert_checkpoint, find_checkpoint
 from stagejax.store.convert import resolve_cache_dir
 
 
@@ -135,9 +135,14 @@ def _prepare(settings: RunSettings, progress: bool, phases=None):
     sampling = SamplingConfig(settings.decode.temperature, settings.decode.top_k, settings.decode.top_p)
 
     enter("convert")
-    checkpoint = convert_checkpoint(handle, settings.paths.cache, settings.schedule.ffn_chunks,
-                                    settings.schedule.vocab_chunk, settings.quant.scheme,
-                                    progress=progress)
+    where = (handle, settings.paths.cache, settings.schedule.ffn_chunks,
+             settings.schedule.vocab_chunk, settings.quant.scheme)
+    checkpoint = find_checkpoint(*where)
+    if checkpoint is None and settings.convert_in_helper and not _IN_HELPER:
+        convert_in_helper(settings, progress)
+        checkpoint = find_checkpoint(*where)
+    if checkpoint is None:  # no helper, or it failed: convert here
+        checkpoint = convert_checkpoint(*where, progress=progress)
     release_freed_memory()
     store = WeightStore(checkpoint, verify=settings.store.verify, expect_config=config,
                         drop_page_cache=settings.store.drop_page_cache)
@@ -156,6 +161,44 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
+def _run_helper(flag: str, settings: RunSettings, what: str) -> float | None:
+    """`python -m stagejax.experiment <flag> <settings>` in a child process; its seconds, or
+    None (with a warning naming `what`) if it failed — the caller then does the work itself,
+    and meets the error itself, with its own message."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="stagejax-helper-") as scratch:
+        job = Path(scratch) / "settings.pkl"
+        job.write_bytes(pickle.dumps(settings))
+        done = subprocess.run([sys.executable, "-m", "stagejax.experiment", flag, str(job)],
+                              capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        log.warning("%s in a helper process failed (%s); doing it in this one", what,
+                    lines[-1] if lines else f"exit code {done.returncode}")
+        return None
+    return time.perf_counter() - start
+
+
+def convert_in_helper(settings: RunSettings, progress: bool = True) -> float | None:
+    """Convert the run's model into the cache in a helper process; returns its seconds (None
+    if it failed). The source's reading (a GGUF dequantized to float32, the tokenizer's
+    metadata) leaves heap and Python objects behind in the process that converts, which are not
+    the runtime's cost: a first run that converted in-process held a baseline tens of MB above
+    a later run's."""
+    if progress:
+        print(f"converting {settings.model.name} ({settings.quant.scheme}) into the stage-shard "
+              f"cache, once, in a helper process", file=sys.stderr, flush=True)
+    return _run_helper("--convert", settings, "converting the model")
+
+
+def _convert_only(job: Path) -> None:
+    """The helper of `convert_in_helper`: open the model and convert it, nothing else."""
+    settings = pickle.loads(job.read_bytes())
+    handle = open_model(settings.model.name, settings.model.path, settings.seed)
+    convert_checkpoint(handle, settings.paths.cache, settings.schedule.ffn_chunks,
+                       settings.schedule.vocab_chunk, settings.quant.scheme, progress=False)
+
+
 def fill_compile_cache(settings: RunSettings) -> float | None:
     """Compile this run's executables in a helper process, into the persistent cache, unless
     this configuration (settings, sources, JAX version) was compiled before; returns the
@@ -169,21 +212,13 @@ def fill_compile_cache(settings: RunSettings) -> float | None:
     marker = resolve_cache_dir(settings.paths.cache) / "xla" / "compiled" / key
     if marker.exists():
         return None
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="stagejax-compile-") as scratch:
-        job = Path(scratch) / "settings.pkl"
-        job.write_bytes(pickle.dumps(settings))
-        done = subprocess.run([sys.executable, "-m", "stagejax.experiment", "--fill-compile-cache",
-                               str(job)], capture_output=True, text=True)
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        log.warning("compiling in a helper process failed (%s); compiling in this one",
-                    lines[-1] if lines else f"exit code {done.returncode}")
+    seconds = _run_helper("--fill-compile-cache", settings, "compiling")
+    if seconds is None:
         return None
     marker.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, json.dumps({"model": settings.model.name,
                                           "schedule": settings.schedule.policy}) + "\n")
-    return time.perf_counter() - start
+    return seconds
 
 
 def _compile_only(job: Path) -> None:
@@ -407,8 +442,12 @@ def format_summary(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+_HELPERS = {"--fill-compile-cache": _compile_only, "--convert": _convert_only}
+_IN_HELPER = False  # a helper process converts for itself: no helper of a helper
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "--fill-compile-cache":
-        raise SystemExit("usage: python -m stagejax.experiment --fill-compile-cache SETTINGS.pkl "
-                         "(the helper of fill_compile_cache)")
-    _compile_only(Path(sys.argv[2]))
+    if len(sys.argv) != 3 or sys.argv[1] not in _HELPERS:
+        raise SystemExit("usage: python -m stagejax.experiment {--fill-compile-cache,--convert} "
+                         "SETTINGS.pkl (the helpers of fill_compile_cache and convert_in_helper)")
+    _IN_HELPER = True
+    _HELPERS[sys.argv[1]](Path(sys.argv[2]))

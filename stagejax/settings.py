@@ -262,6 +262,10 @@ class RunSettings:
     # behind in the process that compiles, which would sit in the run's baseline
     # (stagejax.experiment.fill_compile_cache).
     compile_in_helper: bool = True
+    # Convert a model the cache does not hold yet in a helper process: reading the source
+    # (SmolLM2's GGUF dequantized to float32: 1.2 GB high-water) leaves heap and Python objects
+    # behind that would sit in a first run's baseline (stagejax.experiment.convert_in_helper).
+    convert_in_helper: bool = True
     # Executables compiled at once (staged plans): faster start-up on several cores, at the cost
     # of concurrent compiles' temporaries in the start-up's high-water RSS; 1 keeps it lowest.
     compile_workers: int = 1

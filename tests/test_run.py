@@ -61,3 +61,26 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         atomic_write_json(target, {"a": Unserializable()})
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+@pytest.mark.parametrize("in_helper", [True, False])
+def test_a_model_the_cache_lacks_is_converted_in_a_helper_process(tmp_path, monkeypatch, in_helper):
+    """A first run converts in a child process (reading the source leaves heap behind, which
+    would sit in the run's baseline) and then only opens the checkpoint; with
+    `convert_in_helper=false` it converts in its own process."""
+    from stagejax import experiment
+    from stagejax.settings import ModelSettings, PathSettings, RunSettings
+
+    settings = RunSettings(model=ModelSettings(name="tiny"), paths=PathSettings(cache=str(tmp_path)),
+                           convert_in_helper=in_helper)
+    in_process = []
+    convert = experiment.convert_checkpoint
+    monkeypatch.setattr(experiment, "convert_checkpoint",
+                        lambda *args, **kwargs: in_process.append(args) or convert(*args, **kwargs))
+    prepared = experiment._prepare(settings, progress=False)
+    prepared[5].close()  # the opened WeightStore
+    assert len(in_process) == (0 if in_helper else 1)
+    assert len(list((tmp_path / "checkpoints").iterdir())) == 1
+    again = experiment._prepare(settings, progress=False)  # cached: nobody converts
+    again[5].close()
+    assert len(in_process) == (0 if in_helper else 1)

@@ -15,7 +15,7 @@ conversion and its cache, `weight_store` the reading. See docs/weight_store.md f
 """
 
 from stagejax.store.convert import (ConvertSettings, checkpoint_path, convert_checkpoint,
-                                    convert_from_settings, default_cache_dir)
+                                    convert_from_settings, default_cache_dir, find_checkpoint)
 from stagejax.store.layout import (QUANT_SCHEMES, assemble_params, ffn_chunk_bounds,
                                    shard_arrays, vocab_chunk_bounds)
 from stagejax_device.manifest import FORMAT_VERSION, ArrayInfo, CheckpointError, Manifest
@@ -25,5 +25,6 @@ __all__ = [
     "ArrayInfo", "CheckpointError", "ConvertSettings", "FORMAT_VERSION", "Manifest", "Prefetcher",
     "QUANT_SCHEMES", "VERIFY_MODES", "WeightStore", "aligned_empty", "assemble_params",
     "checkpoint_path", "convert_checkpoint", "convert_from_settings", "default_cache_dir",
+    "find_checkpoint",
     "ffn_chunk_bounds", "shard_arrays", "vocab_chunk_bounds",
 ]

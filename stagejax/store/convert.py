@@ -175,6 +175,20 @@ def _final_path(handle: ModelHandle, identity: dict, conversion: dict, cache_dir
     return resolve_cache_dir(cache_dir) / "checkpoints" / name
 
 
+def find_checkpoint(handle: ModelHandle, cache_dir: str | os.PathLike | None = None,
+                    ffn_chunks: int = 1, vocab_chunk: int | None = None, quant: str = "none",
+                    checksum_block_bytes: int = DEFAULT_CHECKSUM_BLOCK_BYTES,
+                    checksum: str = DEFAULT_CHECKSUM) -> Path | None:
+    """The usable cached checkpoint `convert_checkpoint` would return without converting
+    (same arguments), or None if it would have to convert."""
+    conversion = conversion_params(handle.config, ffn_chunks, vocab_chunk, quant,
+                                   checksum_block_bytes, checksum)
+    final = _final_path(handle, _Source(handle).identity(), conversion, cache_dir)
+    if final.is_dir() and checkpoints.problem(final, handle.config, handle.name) is None:
+        return final
+    return None
+
+
 def convert_checkpoint(handle: ModelHandle, cache_dir: str | os.PathLike | None = None,
                        ffn_chunks: int = 1, vocab_chunk: int | None = None, quant: str = "none",
                        progress: bool = True,
