@@ -44,10 +44,10 @@ from typing import Callable
 import numpy as np
 
 from stagejax_device.results import atomic_write_json
+from stagejax_device.weight_store import aligned_empty  # the weight store's own buffers
 from stagejax.roofline import Device
 
 CALIBRATION_FORMAT = 6  # bump when the probes change meaning: cached records are re-measured
-ALIGN_BYTES = 64  # buffers handed to reads are 64-byte aligned, as the weight store's are
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +205,7 @@ def call_overhead_probe(calls: int = 100, repeats: int = 21) -> Measurement:
         return {"q": q + index[0].astype(q.dtype)}
 
     run = jax.jit(stage, donate_argnums=(0,))
-    weight = _aligned(16 * 8 * 4).view(np.float32).reshape(16, 8)
+    weight = aligned_empty(16 * 8 * 4).view(np.float32).reshape(16, 8)
     weight.fill(0.5)
     state = {"q": jnp.zeros((1, 1, 8)), "h": jnp.ones((1, 16)), "x": jnp.ones((1, 16))}
     ctx = {"scale": jnp.float32(1.0), "past_len": jnp.int32(0), "last": jnp.int32(0)}
@@ -268,12 +268,6 @@ def executor_overhead_probe(cache_dir: Path, steps: int = 30, repeats: int = 7) 
 # ---- storage ----------------------------------------------------------------------------------
 
 
-def _aligned(nbytes: int) -> np.ndarray:
-    raw = np.empty(nbytes + ALIGN_BYTES, np.uint8)
-    offset = -raw.ctypes.data % ALIGN_BYTES
-    return raw[offset:offset + nbytes]
-
-
 def _read_file(fd: int, size: int, buffer: np.ndarray) -> int:
     view = memoryview(buffer)
     done = 0
@@ -303,7 +297,7 @@ def storage_probe(directory: Path, n_bytes: int = 256 << 20, repeats_cold: int =
                 handle.write(block[:min(chunk_bytes, n_bytes - offset)].tobytes())
             handle.flush()
             os.fsync(handle.fileno())
-        buffer = _aligned(chunk_bytes)
+        buffer = aligned_empty(chunk_bytes)
         fd = os.open(path, os.O_RDONLY)
         try:
             def cold():
@@ -359,7 +353,7 @@ def contended_probe(directory: Path, copy_bytes: int = 128 << 20, matrix_shape=(
                 block[:8] = np.frombuffer(offset.to_bytes(8, "little"), np.uint8)
                 handle.write(block.tobytes())
         fd = os.open(path, os.O_RDONLY)
-        buffers = [_aligned(chunk_bytes) for _ in range(3)]
+        buffers = [aligned_empty(chunk_bytes) for _ in range(3)]
 
         def copy_chunk(i: int) -> None:
             os.preadv(fd, [memoryview(buffers[i % 3])], (i * chunk_bytes) % copy_bytes)

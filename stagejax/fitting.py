@@ -26,7 +26,6 @@ import itertools
 import json
 import math
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from scipy import optimize
@@ -262,10 +261,3 @@ def load_loss_model(path: str | Path) -> LossModel:
         raise ValueError(f"{path} is not a loss model written by save_loss_model "
                          f"(expected {{'kind': one of {sorted(_KINDS)}, 'params': {{...}}}}): "
                          f"{error!r}") from None
-
-
-def predicted_loss(model: LossModel, n_params: Sequence[float] | float,
-                   n_tokens: Sequence[float] | float | None = None):
-    """`model(n_params, n_tokens)` as floats (a scalar for scalar inputs)."""
-    value = model(n_params, n_tokens)
-    return float(value) if np.ndim(value) == 0 else value

@@ -19,7 +19,7 @@ Runs are labelled by the hydra overrides that differ between them (`.hydra/overr
 else by their path below the root. Metrics files of either schema are read: before schema 2
 the decode peak was stored only above the baseline (`peak_rss_decode_bytes`). Memory is in MiB.
 
-    python -m stagejax.report multirun/2026-11-21/10-00-00.000000   # or scripts/report.py
+    python -m stagejax.report multirun/2026-11-21/10-00-00.000000
 """
 
 from __future__ import annotations

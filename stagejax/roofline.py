@@ -43,8 +43,6 @@ from stagejax.scheduler import Group, streams_weights
 from stagejax.stage_kinds import KINDS, OpShape
 from stagejax.stages import ChunkLayout, Stage
 
-DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16, "int8": 8, "int4": 4}
-
 
 def quantized_bits(bits: int, group_size: int | None = None, scale_bits: int = 16,
                    zero_point: bool = False) -> float:

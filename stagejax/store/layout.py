@@ -42,6 +42,7 @@ import numpy as np
 from stagejax.model_config import ModelConfig
 from stagejax.quant import SCHEMES as QUANT_SCHEMES
 from stagejax.quant import QuantizedMatrix, stored_tag
+from stagejax.stages import chunk_bounds, split_bounds
 
 __all__ = ["QUANT_SCHEMES", "assemble_params", "ffn_chunk_bounds", "flatten", "nest",
            "normalize_vocab_chunk", "params_spec", "shard_arrays", "stored_arrays",
@@ -49,19 +50,18 @@ __all__ = ["QUANT_SCHEMES", "assemble_params", "ffn_chunk_bounds", "flatten", "n
 
 
 def ffn_chunk_bounds(ffn_dim: int, ffn_chunks: int) -> list[int]:
-    """Column boundaries of the FFN chunks, as `np.array_split` makes them (first chunks longer)."""
+    """Column boundaries of the FFN chunks, as `np.array_split` makes them (first chunks longer):
+    the stages' own cut (`stages.split_bounds`), checked with the setting's name."""
     if not 1 <= ffn_chunks <= ffn_dim:
         raise ValueError(f"ffn_chunks must be in [1, ffn_dim={ffn_dim}], got {ffn_chunks}")
-    base, extra = divmod(ffn_dim, ffn_chunks)
-    sizes = [base + (c < extra) for c in range(ffn_chunks)]
-    return [int(b) for b in np.concatenate([[0], np.cumsum(sizes)])]
+    return list(split_bounds(ffn_dim, ffn_chunks))
 
 
 def vocab_chunk_bounds(vocab_size: int, vocab_chunk: int | None) -> list[int]:
     """Row boundaries of the vocab chunks: `vocab_chunk` rows each, the last one shorter."""
     if not vocab_chunk or vocab_chunk >= vocab_size:
         return [0, vocab_size]
-    return list(range(0, vocab_size, vocab_chunk)) + [vocab_size]
+    return list(chunk_bounds(vocab_size, vocab_chunk))
 
 
 def normalize_vocab_chunk(vocab_size: int, vocab_chunk: int | None) -> int | None:
