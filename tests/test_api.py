@@ -34,3 +34,17 @@ def test_api_runs_any_plan_to_the_same_tokens_and_perplexity(tmp_path):
                                    schedule="budget", budget_mb=4, cache_dir=str(tmp_path))
     assert streamed.n_scored_tokens == resident.n_scored_tokens
     assert abs(streamed.mean_nll - resident.mean_nll) < 1e-4
+
+
+def test_the_library_imports_no_harness():
+    """`import stagejax` and its Python API load neither the experiment harness (hydra) nor the
+    tracker (wandb), nor plotting: a library user pays for what they call."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, stagejax; stagejax.load_model; import stagejax.api; "
+             "print(sorted(m for m in ('hydra', 'omegaconf', 'wandb', 'matplotlib') "
+             "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", done.stdout
