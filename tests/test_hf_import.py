@@ -58,9 +58,10 @@ def _randomize(model, seed: int) -> None:
                 p.copy_(0.1 * noise)
 
 
-def _llama_model(config: ModelConfig, seed: int = 0):
-    """LlamaForCausalLM with `config`'s shapes (explicit head_dim != hidden_size / heads)."""
-    hf_config = transformers.LlamaConfig(
+def _llama_layout_model(config_class, model_class, config: ModelConfig, seed: int):
+    """`model_class` (a transformers causal LM laid out like Llama) with `config`'s shapes
+    (explicit head_dim != hidden_size / heads) and random weights."""
+    hf_config = config_class(
         vocab_size=config.vocab_size,
         # transformers 5 validates hidden_size % num_attention_heads == 0 although the model
         # honours an explicit head_dim; construct with a multiple, then set the real width.
@@ -80,9 +81,13 @@ def _llama_model(config: ModelConfig, seed: int = 0):
     )
     hf_config.hidden_size = config.d_model
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(hf_config)
+    model = model_class(hf_config)
     _randomize(model, seed)
     return model.eval()
+
+
+def _llama_model(config: ModelConfig, seed: int = 0):
+    return _llama_layout_model(transformers.LlamaConfig, transformers.LlamaForCausalLM, config, seed)
 
 
 # Qwen3 with its own head dim (6 x 12 = 72 != d_model 37), GQA, QK-norm, an untied head.
@@ -93,28 +98,8 @@ TINY_QWEN3 = ModelConfig(family="qwen3", vocab_size=257, d_model=37, n_layers=3,
 
 
 def _qwen3_model(config: ModelConfig, seed: int = 0):
-    """Qwen3ForCausalLM with `config`'s shapes; q_norm/k_norm get random scales too."""
-    hf_config = transformers.Qwen3Config(
-        vocab_size=config.vocab_size,
-        hidden_size=config.n_heads * config.head_dim,  # see _llama_model
-        intermediate_size=config.ffn_dim,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads,
-        head_dim=config.head_dim,
-        max_position_embeddings=config.max_seq_len,
-        rms_norm_eps=config.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        tie_word_embeddings=config.tie_embeddings,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        attn_implementation="eager",
-    )
-    hf_config.hidden_size = config.d_model
-    torch.manual_seed(seed)
-    model = transformers.Qwen3ForCausalLM(hf_config)
-    _randomize(model, seed)
-    return model.eval()
+    """Qwen3ForCausalLM; its q_norm/k_norm get random scales too (`_randomize`'s norms)."""
+    return _llama_layout_model(transformers.Qwen3Config, transformers.Qwen3ForCausalLM, config, seed)
 
 
 def _gpt2_model(config: ModelConfig, seed: int = 0):
