@@ -1,4 +1,4 @@
-"""RAM-budget sweep (issue 5): `budget`, `similar_size` and `optimal` on SmolLM2 float32,
+"""RAM-budget sweep: `budget`, `similar_size` and `optimal` on SmolLM2 float32,
 context ~512 (KV on disk), in one run — measured tokens/s and decode peak against the plan's
 predicted peak and step time.
 

@@ -1,4 +1,4 @@
-"""KV-cache layouts and dtypes (issue 7) on SmolLM2 float32 weights, in one run.
+"""KV-cache layouts and dtypes on SmolLM2 float32 weights, in one run.
 
 Part 1, per layout: perplexity on the first `--ppl-chunks` chunks of wiki.test.raw (n_ctx 512)
 through the `atomic` schedule's own path — prefill in blocks that write the cache and read it

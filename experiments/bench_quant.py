@@ -1,4 +1,4 @@
-"""Every weight-storage scheme side by side on SmolLM2, context 512 (issue 6), in one run.
+"""Every weight-storage scheme side by side on SmolLM2, context 512, in one run.
 
 For each `quant` scheme, the main job (`stagejax.experiment.run_experiment`) runs in a fresh
 process once per schedule, so every memory figure is its own:

@@ -1,4 +1,4 @@
-"""Pareto-optimal designs for two device profiles: predicted latency vs predicted loss (issue 9).
+"""Pareto-optimal designs for two device profiles: predicted latency vs predicted loss.
 
 For each device profile, every architecture of `stagejax.codesign.architecture_grid` (depth,
 width, FFN ratio, kv heads, weight bits, MoE activation rate) is evaluated with the roofline

@@ -1,4 +1,4 @@
-"""Benchmark of `stagejax.store.WeightStore` against a raw read of the same bytes (issue 3).
+"""Benchmark of `stagejax.store.WeightStore` against a raw read of the same bytes.
 
 Streams every array of a model's stage-shard checkpoint once, in stage order, and reports MB/s:
 

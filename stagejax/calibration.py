@@ -1,8 +1,8 @@
 """Calibration microbenchmarks: the roofline constants of the machine this process runs on.
 
-Owns the measurement of `stagejax.roofline.Device` figures for `this_machine` (issue 5 item 3,
-issue 9 item 2): float32 (and bfloat16) matmul FLOP/s, the weight-streaming rate of batch-1
-matrix-vector products, memory read bandwidth, storage read bandwidth cold and warm, and the
+Owns the measurement of `stagejax.roofline.Device` figures for `this_machine`: float32 (and
+bfloat16) matmul FLOP/s, the weight-streaming rate of batch-1 matrix-vector products, memory
+read bandwidth, storage read bandwidth cold and warm, and the
 per-call dispatch overhead of a jitted function. Results are cached as JSON per machine under
 `<cache_dir>/calibration/<key>.json` (key: hostname, CPU model, jax version), written atomically.
 

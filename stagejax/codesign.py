@@ -1,6 +1,6 @@
 """Roofline co-design: predicted latency and loss of candidate architectures, and their Pareto front.
 
-Owns the architecture search of issue 9 (item 4), after arXiv 2602.10377 (design §1): for each
+Owns the architecture search, after arXiv 2602.10377 (design §1): for each
 architecture of a grid, latency on a device comes from the roofline (`stagejax.roofline`: the
 prefill of the prompt plus one decode step per output token, the whole model resident) and loss
 from a pluggable scaling law (`stagejax.fitting`; default Chinchilla's published fit). The
@@ -26,7 +26,7 @@ Conventions (stated, because the result depends on them):
   * Compute dtype: float32 for 32-bit weights, else `Workload.compute_dtype` (bfloat16): the
     weights are dequantised into it, so low-bit formats save bytes, not FLOPs.
 
-The co-design paper's own search (issue 28) lives at the end: its Table 5 space of dense and
+The co-design paper's own search lives at the end: its Table 5 space of dense and
 mixture-of-experts designs (`table5_space`, `MoEArchitecture` with E experts, K active), timed
 with either accounting of `stagejax.moe_accounting` and scored with its loss law
 (`stagejax.architecture_law`) plus the measured cost of the weight format (`stagejax.quant_loss`).

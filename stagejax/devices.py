@@ -1,6 +1,6 @@
 """Device profiles: the roofline constants of a machine, from `conf/device/*.yaml` or calibration.
 
-Owns reading the `device/` config group (design §6; issue 9 item 2). A profile YAML mirrors the
+Owns reading the `device/` config group (design §6). A profile YAML mirrors the
 fields of `stagejax.roofline.Device`:
 
     name: jetson_orin_nano

@@ -1,6 +1,6 @@
 """Loss scaling laws: the functional forms, Chinchilla's published fit, and a robust fitter.
 
-Owns the loss side of the co-design analysis (issue 9, item 5; design §1: arXiv 2602.10377
+Owns the loss side of the co-design analysis (design §1: arXiv 2602.10377
 predicts loss from a fitted scaling law). Two forms:
 
   L(N)    = E + A * N^(-alpha)                       (`PowerLawN`)

@@ -276,9 +276,9 @@ def warm_group_time(cost: roofline.Cost, device: roofline.Device, *, streamed: b
     `atomic` step with every weight resident took ~45 ms and ~85 ms streamed, `layer` 34-41 and
     71-75 ms, i.e. + the copy time whatever the grouping. The principled alternative — loader
     and executor sharing the copies (`Prefetcher.share_reads`) at the copy/compute rates
-    calibrated while both run at once, max(main, (main + copy) / 2) — predicted worse (session 7
-    budget sweep: median error 38% against 26% for this sum), because in a decode step the
-    copies run at 5-7 GB/s, far below what the contention probe sees (README, issue 5). With
+    calibrated while both run at once, max(main, (main + copy) / 2) — predicted worse (a budget
+    sweep: median error 38% against 26% for this sum), because in a decode step the
+    copies run at 5-7 GB/s, far below what the contention probe sees (README). With
     streamed=False and kv_on_disk=False this is the resident `model` step's prediction.
     """
     copy = 0.0

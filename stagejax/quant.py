@@ -1,5 +1,5 @@
 """Weight quantization: the `quant/` schemes (design §6), stored as quantized bytes in the stage
-shards and dequantized inside the jitted stages and the monolithic model (issue 6).
+shards and dequantized inside the jitted stages and the monolithic model.
 
 This module owns the storage formats of a quantized matrix, the numpy quantizers conversion
 uses, the exact un-packing of 4-bit values, and the jnp dequantization every consumer calls, so

@@ -1,6 +1,6 @@
 """The roofline cost model: FLOPs and bytes of every stage, group and step, and predicted time.
 
-One module owns the cost model of stagejax (issue 5 item 3; issue 9 items 1 and 3): the
+One module owns the cost model of stagejax: the
 RAM-budget scheduler asks it for per-group and per-step time, and the co-design search
 (`stagejax.codesign`) for whole-model prefill and decode latency. The roofline follows Williams,
 Waterman & Patterson, "Roofline: an insightful visual performance model" (CACM 2009), applied to
@@ -333,7 +333,7 @@ def model_step_cost(config: ModelConfig, *, phase: str = "decode", tokens: int |
     return (total, parts) if breakdown else total
 
 
-# ---- closed forms per layer, normalised by d^2 (issue 9 item 1) --------------------------------
+# ---- closed forms per layer, normalised by d^2 ------------------------------------------------
 # A layer of width d with query heads covering q_width = head_ratio * d, kv heads a fraction
 # kv_ratio = K / N of the query heads, and FFN width r * d. Matrix weights only (norm scales and
 # biases are O(d), vanishing against d^2); 2 FLOPs per weight per token; attention scores/values

@@ -1,4 +1,4 @@
-"""Predicted vs measured latency of the roofline, per schedule and per group (issue 9 items 3, 6b).
+"""Predicted vs measured latency of the roofline, per schedule and per group.
 
 Reads finished run directories of the main job (`stagejax.experiment.run_experiment`) as data —
 `metrics.json` (the planner's step predictions beside the measured step) and `plan.json` (per

@@ -124,7 +124,7 @@ def test_grid_and_search():
     assert calls == [1e6, 1e6]  # the grouping estimator is one swappable call site
 
 
-# ---- the co-design paper's space, search and quantization cost (issue 28) -----------------------
+# ---- the co-design paper's space, search and quantization cost -----------------------
 
 from stagejax.architecture_law import PAPER_TABLE6  # noqa: E402
 from stagejax.moe_accounting import FP16, INT8, MoEArchitecture  # noqa: E402

@@ -1,4 +1,4 @@
-"""Quantized stage shards (issue 6): packing, error bounds, GGUF blocks, refusals, and
+"""Quantized stage shards: packing, error bounds, GGUF blocks, refusals, and
 staged == monolithic for every scheme.
 
 Tiny models here have every input dimension a multiple of 64 (d_model 64, n_heads * head_dim 64,

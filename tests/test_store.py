@@ -1,4 +1,4 @@
-"""Stage-shard checkpoints: conversion, caching, direct reads, integrity, prefetch (issue 3).
+"""Stage-shard checkpoints: conversion, caching, direct reads, integrity, prefetch.
 
 The tiny presets get random numpy weights of their abstract shapes (every value distinct and
 nonzero, biases included), so a mis-sliced or transposed shard cannot compare equal; generating

@@ -1,4 +1,4 @@
-"""Training small Llama-family models from scratch: the scaling-law experiment (issue 10).
+"""Training small Llama-family models from scratch: the scaling-law experiment.
 
 Modules: `settings` (typed run settings, the schemas of `conf_train/`), `tokenizer_train` (the
 corpus's byte-level BPE tokenizer and cached token ids), `data` (batches and the resumable data
